@@ -1,0 +1,180 @@
+"""The process's distributed runtime: device, process group, named collectives, guaranteed teardown.
+
+    with distributed(cfg.dist, seed=cfg.run.seed) as rt:
+        ...  # rt.rank, rt.device, rt.is_main, rt.barrier("checkpoint")
+
+Single-process runs are the world-size-1 case of the same code: every collective is a no-op there.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator, Mapping, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.config import DistConfig
+from launcher.env import DistEnv, LaunchError, check_devices
+
+T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names the phase and the likely cause."""
+
+
+@contextmanager
+def phase(name: str, rank: int, timeout_s: float) -> Iterator[None]:
+    """Re-raise a failed collective with the phase it belonged to, so a hang reads as a diagnosis."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:  # gloo/nccl timeouts and lost peers are RuntimeErrors
+        if isinstance(e, CollectiveError):
+            raise
+        raise CollectiveError(
+            f"Rank {rank}: a collective in phase '{name}' failed: {str(e).splitlines()[0] if str(e) else e!r}. "
+            f"Another rank most likely died or stopped answering (its own log says why); ranks give up after "
+            f"dist.timeout_s={timeout_s:g} seconds.") from e
+
+
+@dataclass
+class Runtime:
+    """Who this process is and how it talks to the others."""
+
+    env: DistEnv
+    device: torch.device
+    backend: str | None  # None for a single process (no process group)
+    timeout_s: float
+    # A gloo group on the CPU for small agreements (stop flags, object gathers): it never waits on the
+    # GPU stream and works whatever the main backend is.
+    control: Any = None
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def phase(self, name: str):  # noqa: ANN201 - a context manager
+        return phase(name, self.rank, self.timeout_s)
+
+    def barrier(self, name: str) -> None:
+        """All ranks reach this point; the error names ``name`` if one does not."""
+        if self.distributed:
+            with self.phase(name):
+                dist.barrier(group=self.control)
+
+    def all_reduce(self, tensor: torch.Tensor, name: str, op: Any = None) -> torch.Tensor:
+        """In-place sum (or ``op``) over ranks on the main backend; returns ``tensor``."""
+        if self.distributed:
+            with self.phase(name):
+                dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool, name: str) -> bool:
+        """True on every rank if it is True on at least one (used to agree on stopping)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        with self.phase(name):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def gather_objects(self, obj: T, name: str) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank (small picklable objects only)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        with self.phase(name):
+            dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def broadcast_object(self, obj: T, name: str) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        with self.phase(name):
+            dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+
+def choose_device(env: DistEnv, cfg: DistConfig) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is wanted and present, else the CPU; checks GPUs against local ranks."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("dist.device=cuda but CUDA is not available on this machine; "
+                          "set dist.device=cpu (or auto) or run on a GPU node.")
+    check_devices(env, torch.cuda.device_count())
+    return torch.device("cuda", env.local_rank)
+
+
+def choose_backend(device: torch.device, cfg: DistConfig) -> str:
+    """nccl for CUDA devices, gloo otherwise, unless the config names one."""
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise LaunchError("dist.backend=nccl needs CUDA devices but this process runs on the CPU; "
+                          "set dist.backend=gloo (or auto).")
+    return backend
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Deterministic kernels when asked (exact reproducibility), fastest kernels otherwise."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeout: timedelta) -> Any:
+    # Every launcher ends in the same torchrun-style variables, so env:// initialisation (and any
+    # library that reads RANK/WORLD_SIZE) works the same after SLURM or submitit.
+    os.environ.update(env.contract())
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
+                            world_size=env.world_size, timeout=timeout, **kwargs)
+    return dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+
+
+@contextmanager
+def distributed(cfg: DistConfig, environ: Mapping[str, str] | None = None) -> Iterator[Runtime]:
+    """Resolve the launch, bind the device, start the process group; always tear it down."""
+    env = DistEnv.from_environ(os.environ if environ is None else environ)
+    device = choose_device(env, cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group, so NCCL never touches GPU 0 by mistake
+    rt = Runtime(env=env, device=device, backend=None, timeout_s=cfg.timeout_s)
+    try:
+        if env.is_distributed:
+            rt.backend = choose_backend(device, cfg)
+            rt.control = _init_process_group(env, device, rt.backend, timedelta(seconds=cfg.timeout_s))
+        yield rt
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,100 @@
+"""Data parallelism: DDP wrapping and unwrapping, synchronized BatchNorm (GPU and CPU), no_sync.
+
+torch.nn.SyncBatchNorm runs only on CUDA tensors. ``GlooSyncBatchNorm`` gives CPU (gloo) runs the
+same statistics over the global batch, through torch's differentiable all_reduce, so SyncBN can be
+tested on any machine and CPU ranks train like GPU ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed over all ranks' samples.
+
+    Two all_reduces per layer: the global mean first, then the global centred sum of squares (the
+    two-pass form keeps the variance as accurate as plain BatchNorm's). Gradients flow through the
+    all_reduces, which is what makes the backward pass match BatchNorm on the concatenated batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = torch.cat([count, x.sum(dims)])
+        stats = dist_fn.all_reduce(stats)
+        n, mean = stats[0], stats[1:] / stats[0]
+        centred = x - mean[None, :, None, None]
+        var = dist_fn.all_reduce(centred.pow(2).sum(dims)) / n
+        self._update_running_stats(mean.detach(), var.detach(), n.detach())
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * n / (n - 1).clamp(min=1)  # running_var is unbiased, as in BatchNorm
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(unbiased, momentum)
+
+
+def _swap_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
+        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _swap_batchnorm(child))
+    return module
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm layers that synchronise statistics across ranks: torch's on CUDA, ours elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _swap_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """DDP around ``model`` when there is more than one rank; the model itself otherwise."""
+    if world_size == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers (BatchNorm running stats) are broadcast from rank 0 each forward, so every rank
+    # evaluates and checkpoints the same model.
+    return DDP(model, device_ids=ids, broadcast_buffers=True, gradient_as_bucket_view=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP and torch.compile wrappers (plain state_dict keys, eval without hooks)."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def maybe_no_sync(model: nn.Module, sync: bool) -> ContextManager[None]:
+    """DDP's no_sync on accumulation micro-steps that must not all-reduce gradients yet."""
+    if sync or not isinstance(model, DDP):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
