@@ -123,7 +123,11 @@ def choose_device(env: DistEnv, cfg: DistConfig) -> torch.device:
     if not torch.cuda.is_available():
         raise LaunchError("dist.device=cuda but CUDA is not available on this machine; "
                           "set dist.device=cpu (or auto) or run on a GPU node.")
-    check_devices(env, torch.cuda.device_count())
+    visible = torch.cuda.device_count()
+    if visible == 1 and env.launcher in ("slurm", "submitit"):
+        # srun --gpus-per-task / --gpu-bind gives each task its own single visible GPU.
+        return torch.device("cuda", 0)
+    check_devices(env, visible)
     return torch.device("cuda", env.local_rank)
 
 

@@ -1,0 +1,54 @@
+"""Preemption: signal handlers only set a flag; the training loop acts on it at a step boundary.
+
+Saving from inside a handler can interrupt a collective or a half-written file; so the handler
+records the signal and returns, and all ranks agree at the next step (one rank receiving the
+signal is enough) to stop together, checkpoint and exit with ``PREEMPTED_EXIT_CODE``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+#: Exit status of a run that stopped on a signal after writing its checkpoint (EX_TEMPFAIL: "try
+#: again"). A scheduler or wrapper seeing it should requeue or re-launch the same command.
+PREEMPTED_EXIT_CODE = 75
+
+#: SIGTERM: SLURM preemption/time limit and torchrun shutdown; SIGUSR1/SIGUSR2: SLURM's --signal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; main() maps it to PREEMPTED_EXIT_CODE."""
+
+
+class StopFlag:
+    """Records the first stop signal received; ``install`` / ``restore`` swap the handlers."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only a store: no I/O, no locks, nothing that could deadlock in a handler.
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def install(self) -> "StopFlag":
+        # Handlers can only be set from the main thread (e.g. not inside some notebook runners).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

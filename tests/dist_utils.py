@@ -1,0 +1,87 @@
+"""Helpers for real multi-process (gloo, CPU) tests, each bounded in time.
+
+``run_ranks(fn, world_size)`` starts ``world_size`` fresh processes with the torchrun variables set,
+calls ``fn(*args)`` in each and returns the results in rank order. A rank that raises fails the test
+with its traceback; ranks still running at the deadline are killed and the test fails saying so.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_environ(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """torchrun's variables for one rank of a single-node job."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any) -> None:
+    os.environ.update(rank_environ(rank, world_size, port))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: do not oversubscribe
+    try:
+        out.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        out.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
+    """Results of ``fn(*args)`` on ``world_size`` gloo-ready ranks, in rank order."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            try:
+                rank, ok, value = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                missing = sorted(set(range(world_size)) - set(results))
+                pytest.fail(f"ranks {missing} of {world_size} did not finish within {timeout}s (hang?)")
+            if not ok:
+                pytest.fail(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+def run_command(cmd: Sequence[str], timeout: float = 300, env: dict[str, str] | None = None,
+                cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run a CLI in a subprocess, bounded in time; the test fails with its output on a hang."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    try:
+        return subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout}s; output so far:\n{e.stdout}\n{e.stderr}")
+
+
+PYTHON = sys.executable

@@ -1,0 +1,414 @@
+"""Checkpoint files that never lose work: atomic writes, a verified ``latest`` pointer, safe loading.
+
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=3, keep_best=True)
+    ckpt.save(state, step=1200, metric=0.91)        # rank 0 only; the caller does the collectives
+    found = ckpt.load_latest()                      # (state, path), None on a fresh run, or CheckpointError
+
+Layout of the directory::
+
+    step-00001200.pt     torch.save of the state (zip format), written temp -> fsync -> rename
+    latest               name of the newest checkpoint (one line)
+    manifest.json        file name, step, metric and sha256 of every checkpoint
+
+A crash at any moment leaves either the old file set or the new one, never a half-written file
+under a checkpoint name. Everything here is plain file I/O and knows nothing about ranks.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError", "CheckpointManager", "load_checkpoint", "strip_prefixes", "fsync_dir",
+    "atomic_write_text", "rng_state", "set_rng_state",
+]
+
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+_POINTER = "latest"
+_MANIFEST = "manifest.json"
+# Temp files start with "." and carry ".tmp-": never matched by step-*.pt, easy to find after a crash.
+_TMP_MARK = ".tmp-"
+_FIX = ("Point checkpoint.resume at a good checkpoint file, or start fresh with checkpoint.resume=never "
+        "in a new run.dir.")
+_HASH_CHUNK = 1 << 22
+
+# Why the manifest keeps a sha256 of every file (checked with torch 2.14): torch.load(weights_only=True)
+# does NOT verify the zip CRC-32 of stored records. A byte flipped anywhere inside tensor data loads
+# without any error and silently yields different weights; only damage to the zip structure (truncation,
+# central directory, pickle record) raises. The hash is what turns silent bit rot into a clear rejection.
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was expected; message names files and the fix."""
+
+
+class _Unusable(Exception):
+    """A checkpoint file failed verification; ``str()`` is the reason, phrased for a log line."""
+
+
+# ----------------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/create/delete inside directory ``path`` durable (no-op where unsupported)."""
+    if os.name == "nt":  # Windows cannot open a directory; NTFS journals renames itself
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some network/FUSE file systems reject fsync on directories; the data fsync already happened.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    # Same directory as the target: os.replace is only atomic within one file system.
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` via temp file + fsync + os.replace + directory fsync; never leaves it half-written."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save (disk full, unpicklable state) leaves no debris
+        raise
+    fsync_dir(path.parent)  # the rename itself must survive a power loss
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: readers see the old or the new content, never a mix."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- safe loading
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _why_unloadable(path: Path, e: Exception) -> str:
+    """Translate a torch.load failure into a reason a user can act on."""
+    if isinstance(e, FileNotFoundError):
+        return "file does not exist"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not a checkpoint file"
+    if "Weights only load failed" in str(e):
+        return ("holds Python objects that weights_only=True refuses to unpickle (loading them could run "
+                "code); only tensors, plain containers and numbers are allowed")
+    size = path.stat().st_size if path.exists() else -1
+    if size == 0:
+        return "empty file (0 bytes): truncated"
+    if isinstance(e, EOFError) or "central directory" in str(e):
+        return f"truncated or not a torch checkpoint ({_first_line(e)})"
+    return f"corrupt ({type(e).__name__}: {_first_line(e)})"
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """torch.load restricted to tensors and plain data; any failure becomes ``_Unusable(reason)``."""
+    try:
+        # weights_only=True: the unpickler only rebuilds tensors and builtin containers, so a tampered
+        # or foreign file cannot execute code in the training process.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError, ...
+        raise _Unusable(_why_unloadable(path, e)) from e
+    if not isinstance(state, dict):
+        raise _Unusable(f"not a checkpoint: holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one explicit checkpoint file safely (``weights_only=True``: no code from the file runs).
+
+    Raises CheckpointError naming the file, what is wrong with it and how to proceed.
+    """
+    path = Path(path)
+    try:
+        return _torch_load(path, map_location)
+    except _Unusable as e:
+        raise CheckpointError(f"Cannot load checkpoint {path}: {e}. {_FIX}") from e.__cause__
+
+
+# ----------------------------------------------------------------------------------- state helpers
+
+
+def _strip_key(key: str, prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> str:
+    stripped = True
+    while stripped:  # wrappers nest: DDP(compile(model)) gives "module._orig_mod.", and vice versa
+        stripped = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, stripped = key[len(p):], True
+    return key
+
+
+def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) from keys, however nested.
+
+    A checkpoint of a wrapped model then loads into the bare model. Raises ValueError if two keys
+    become the same (the dict mixed wrapped and bare names).
+    """
+    out: OrderedDict[str, Any] = OrderedDict()
+    for key, value in state_dict.items():
+        new = _strip_key(key) if isinstance(key, str) else key
+        if new in out:
+            raise ValueError(f"strip_prefixes: keys collide on {new!r} (from {key!r}); the state dict mixes "
+                             "wrapped and unwrapped parameter names")
+        out[new] = value
+    # load_state_dict reads per-module versions from _metadata (e.g. BatchNorm); keep it under the new
+    # names. Its keys are module paths, so the wrapper itself ("module") maps to the root ("").
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict((_strip_key(k + ".")[:-1] if k else k, v) for k, v in meta.items())
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream of this process, in a form that loads under ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),  # (version, tuple of ints, None): plain data, loads fine
+        # numpy's state holds a uint32 ndarray, which weights_only refuses; int64 holds it losslessly.
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state()`` captured; the random streams continue exactly where they were."""
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())  # map_location may have moved it; generators want CPU bytes
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        # A resume may see fewer GPUs than the save did; restore the ones that exist.
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate needs tuples; a state that went through JSON or a list-based copy has lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """Atomic, verified, pruned checkpoints in one directory (created lazily on the first save)."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, keep_best: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: at least one checkpoint must be kept")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.log = log
+
+    # ------------------------------------------------------------------ queries
+
+    def list(self) -> list[Path]:
+        """Existing ``step-*.pt`` files, sorted by step ascending."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir()
+                 if (m := _STEP_RE.match(p.name)) and p.is_file()]
+        return [p for _, p in sorted(found)]
+
+    def latest_path(self) -> Path | None:
+        """The file the ``latest`` pointer names if it exists, else the newest ``step-*.pt``, else None."""
+        pointed = self._pointer_target()
+        if pointed is not None and pointed.is_file():
+            return pointed
+        files = self.list()
+        return files[-1] if files else None
+
+    def best_path(self) -> Path | None:
+        """The existing checkpoint with the highest recorded metric (newest on ties), else None."""
+        entries = self._read_manifest()
+        return self._best(entries, {p.name for p in self.list()})
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, state: dict[str, Any], step: int, metric: float | None = None) -> Path:
+        """Write ``step-{step:08d}.pt`` atomically, point ``latest`` at it, record it, then prune.
+
+        Saving an existing step replaces that file atomically. Returns the checkpoint's path.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._ensure_directory()
+        self._remove_stale_temps()
+        path = self.directory / f"step-{step:08d}.pt"
+        entries = self._read_manifest()
+        if entries.pop(path.name, None) is not None:
+            # Re-saving a step: forget the old hash first, or a crash between the rename and the manifest
+            # update would make the new (good) file look corrupt.
+            self._write_manifest(entries)
+        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write_text(self.directory / _POINTER, path.name + "\n")
+        entries[path.name] = {"file": path.name, "step": step, "metric": _clean_metric(metric),
+                              "sha256": _sha256(path)}
+        doomed = self._prunable(entries, keep={path.name})
+        # The manifest is durable before anything is deleted: a crash mid-prune leaves extra files, never
+        # a manifest that vouches for files that are gone while the good ones are unrecorded.
+        self._write_manifest({k: v for k, v in entries.items() if k not in doomed})
+        for name in doomed:
+            (self.directory / name).unlink(missing_ok=True)
+        if doomed:
+            fsync_dir(self.directory)
+        return path
+
+    def _ensure_directory(self) -> None:
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.directory.parent)  # the new directory entry must survive a crash too
+
+    def _remove_stale_temps(self) -> None:
+        # Single writer (rank 0), so any temp file now is debris from a save that was killed.
+        for p in self.directory.iterdir():
+            if p.name.startswith(".") and _TMP_MARK in p.name and p.is_file():
+                p.unlink(missing_ok=True)
+                self.log(f"checkpoint: removed {p}, left behind by an interrupted save")
+
+    def _prunable(self, entries: dict[str, dict[str, Any]], keep: set[str]) -> set[str]:
+        """Names to delete: all but the newest ``keep_last``, the best, ``latest`` and ``keep``."""
+        names = [p.name for p in self.list()]
+        keep = set(keep) | set(names[-self.keep_last:])
+        pointed = self._pointer_target()
+        if pointed is not None:
+            keep.add(pointed.name)  # never delete what `latest` names, whatever its step
+        if self.keep_best and (best := self._best(entries, set(names))) is not None:
+            keep.add(best.name)
+        return set(names) - keep
+
+    # ------------------------------------------------------------------ load
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that verifies, as ``(state, path)``; None when there are none at all.
+
+        Tries the ``latest`` pointer's file first, then the others newest to oldest. Each rejected file
+        is reported through ``log``. Raises CheckpointError when files exist but none is usable, rather
+        than silently starting over on top of saved work.
+        """
+        candidates = self._candidates()
+        if not candidates:
+            return None
+        entries = self._read_manifest()
+        rejected: list[tuple[Path, str]] = []
+        for path in candidates:
+            try:
+                state = self._load_verified(path, entries.get(path.name), map_location)
+            except _Unusable as e:
+                rejected.append((path, str(e)))
+                continue
+            for bad, reason in rejected:
+                self.log(f"checkpoint: {bad} is unusable ({reason}); resuming from the previous checkpoint "
+                         f"{path.name} instead")
+            return state, path
+        raise CheckpointError(self._none_usable_message(rejected))
+
+    def _candidates(self) -> list[Path]:
+        files = self.list()[::-1]
+        pointed = self._pointer_target()
+        if pointed is None:
+            return files
+        if not pointed.is_file():
+            self.log(f"checkpoint: the '{_POINTER}' pointer names {pointed}, which does not exist; "
+                     "using the newest checkpoint file instead")
+            return files
+        return [pointed] + [p for p in files if p != pointed]
+
+    @staticmethod
+    def _load_verified(path: Path, entry: dict[str, Any] | None, map_location: str | torch.device
+                       ) -> dict[str, Any]:
+        # Hash first: torch.load accepts flipped bytes inside tensor data (see the note at the top).
+        if entry is not None and entry.get("sha256"):
+            try:
+                digest = _sha256(path)
+            except OSError as e:
+                raise _Unusable(f"unreadable ({_first_line(e)})") from e
+            if digest != entry["sha256"]:
+                raise _Unusable(f"hash mismatch: sha256 differs from {_MANIFEST}, the file is corrupt")
+        return _torch_load(path, map_location)
+
+    def _none_usable_message(self, rejected: list[tuple[Path, str]]) -> str:
+        lines = "\n".join(f"  {p.name}: {reason}" for p, reason in rejected)
+        return (f"No usable checkpoint in {self.directory}: all {len(rejected)} checkpoint file(s) failed "
+                f"verification:\n{lines}\nRefusing to start over on top of saved work. {_FIX}")
+
+    # ------------------------------------------------------------------ pointer and manifest
+
+    def _pointer_target(self) -> Path | None:
+        try:
+            name = (self.directory / _POINTER).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        # Only a bare checkpoint name counts: a hand-edited pointer must not escape the directory.
+        return self.directory / name if _STEP_RE.match(name) else None
+
+    def _read_manifest(self) -> dict[str, dict[str, Any]]:
+        """Entries by file name; a missing or unreadable manifest means no hashes (torch.load still checks)."""
+        path = self.directory / _MANIFEST
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {e["file"]: e for e in data["checkpoints"] if _STEP_RE.match(e["file"])}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log(f"checkpoint: ignoring unreadable {path} ({_first_line(e)}); files are checked by "
+                     "loading them instead")
+            return {}
+
+    def _write_manifest(self, entries: dict[str, dict[str, Any]]) -> None:
+        ordered = sorted(entries.values(), key=lambda e: e["step"])
+        text = json.dumps({"format": 1, "checkpoints": ordered}, indent=1, allow_nan=False)
+        atomic_write_text(self.directory / _MANIFEST, text + "\n")
+
+    def _best(self, entries: dict[str, dict[str, Any]], existing: set[str]) -> Path | None:
+        scored = [(e["metric"], e["step"], name) for name, e in entries.items()
+                  if name in existing and e.get("metric") is not None]
+        return self.directory / max(scored)[2] if scored else None
+
+
+def _clean_metric(metric: float | None) -> float | None:
+    # NaN/inf cannot be "best" in any meaningful sense (and are not valid JSON): record them as None.
+    if metric is None:
+        return None
+    value = float(metric)
+    return value if math.isfinite(value) else None

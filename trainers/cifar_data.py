@@ -1,0 +1,319 @@
+"""CIFAR-10 as in-memory tensors: the real dataset, its download, and a learnable synthetic stand-in.
+
+The real data is read straight from the standard python-pickle folder ``cifar-10-batches-py``
+into one ``(N, 3, 32, 32)`` uint8 tensor per split, so training loops index tensors instead of
+decoding PIL images per sample. When the real data is missing and cannot be fetched (offline
+cluster nodes are common), every failure surfaces as :class:`DatasetUnavailable` whose message
+says how to fix it, including the ``data.synthetic=true`` escape hatch backed by
+:func:`synthetic_cifar10`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import http.client
+import pickle
+import socket
+import tarfile
+import urllib.error
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import download_and_extract_archive
+
+# Per-pixel statistics over the 50k training images scaled to [0, 1]. The often-quoted
+# std (0.2023, 0.1994, 0.2010) is the mean of per-image stds, which is not what Normalize needs.
+CIFAR10_MEAN: tuple[float, float, float] = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_STD: tuple[float, float, float] = (0.24703223, 0.24348513, 0.26158784)
+CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+_FOLDER_NAME = "cifar-10-batches-py"
+_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_FILES: tuple[str, ...] = ("test_batch",)
+_META_FILE = "batches.meta"
+_ALL_FILES: tuple[str, ...] = _TRAIN_FILES + _TEST_FILES + (_META_FILE,)
+_CHANNELS, _SIDE = 3, 32
+_PIXELS = _CHANNELS * _SIDE * _SIDE
+
+
+class DatasetUnavailable(RuntimeError):
+    """Dataset missing and could not be fetched; message names the fix."""
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """A whole image classification split held in memory as tensors.
+
+    ``images`` is ``(N, 3, H, W)`` uint8 (contiguous, CHW) and ``labels`` is ``(N,)`` int64.
+    Items are ``(image, label, index)``; the index is returned so that augmentation can be
+    keyed by sample index and stay reproducible regardless of worker or shuffle order.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        # Fail at construction, not deep inside a DataLoader worker, when a producer got it wrong.
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != _CHANNELS:
+            raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise ValueError(f"labels must be (N,) int64, got {tuple(self.labels.shape)} {self.labels.dtype}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        if index < 0:
+            # Normalise so the returned index is a stable key for per-sample augmentation.
+            index += len(self)
+        return self.images[index], int(self.labels[index]), index
+
+
+def cifar10_folder(root: str | Path) -> Path:
+    """Return the folder holding the python-pickle CIFAR-10 files: ``root / "cifar-10-batches-py"``."""
+    return Path(root).expanduser() / _FOLDER_NAME
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the pickles
+# ---------------------------------------------------------------------------------------------
+
+
+def _unavailable_message(folder: Path, problem: str) -> str:
+    return (
+        f"CIFAR-10 is not usable at {folder}: {problem}. "
+        "Fix it in one of three ways: allow the download on a machine with internet access "
+        f"(it fetches {CIFAR10.url} and extracts it there); "
+        f"put the original python-version files ({', '.join(_ALL_FILES)}) in {folder} yourself; "
+        "or train on synthetic CIFAR-shaped data with `data.synthetic=true`."
+    )
+
+
+def _missing_files(folder: Path) -> list[str]:
+    return [name for name in _ALL_FILES if not (folder / name).is_file()]
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays.
+
+    The CIFAR files are pickles, and a plain ``pickle.load`` would run arbitrary code from a
+    tampered download. The real files only reference these globals (Python 2 numpy wrote
+    ``numpy.core``; a Python 3 re-save may use ``numpy._core`` and ``_codecs.encode`` for bytes).
+    """
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
+
+
+def _unpickle(path: Path) -> dict[Any, Any]:
+    try:
+        with path.open("rb") as f:
+            # latin1 is what the Python 2 pickles need: it maps their byte strings 1:1.
+            entry = _ArrayOnlyUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # truncated/corrupt pickles raise a wide variety of exception types
+        problem = f"{path.name} could not be read ({type(exc).__name__}: {exc}); it is truncated or corrupt"
+        raise DatasetUnavailable(_unavailable_message(path.parent, problem)) from exc
+    if not isinstance(entry, dict):
+        problem = f"{path.name} holds a {type(entry).__name__}, not a CIFAR batch dict"
+        raise DatasetUnavailable(_unavailable_message(path.parent, problem))
+    return entry
+
+
+def _field(entry: dict[Any, Any], key: str) -> Any:
+    # Python 2 files give str keys under latin1; a file re-saved by Python 3 keeps bytes keys.
+    if key in entry:
+        return entry[key]
+    return entry.get(key.encode())
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch file into ``(n, 3072)`` uint8 rows and ``(n,)`` int64 labels, validated."""
+    entry = _unpickle(path)
+    data, labels = _field(entry, "data"), _field(entry, "labels")
+    problem = None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
+        problem = f"{path.name} has no uint8 (n, {_PIXELS}) 'data' array"
+    elif not isinstance(labels, list) or len(labels) != len(data):
+        problem = f"{path.name} has no 'labels' list matching its {len(data)} images"
+    elif labels and not all(isinstance(y, int) and 0 <= y < len(CLASSES) for y in labels):
+        problem = f"{path.name} has labels outside 0..{len(CLASSES) - 1}"
+    if problem is not None:
+        raise DatasetUnavailable(_unavailable_message(path.parent, problem))
+    return data, np.asarray(labels, dtype=np.int64)
+
+
+def _check_meta(folder: Path) -> None:
+    names = _field(_unpickle(folder / _META_FILE), "label_names")
+    if not isinstance(names, list) or len(names) != len(CLASSES):
+        problem = f"{_META_FILE} does not list the {len(CLASSES)} class names"
+        raise DatasetUnavailable(_unavailable_message(folder, problem))
+
+
+def load_cifar10(root: str | Path, train: bool) -> ArrayDataset:
+    """Load the train (50k) or test (10k) split of CIFAR-10 from ``root / "cifar-10-batches-py"``.
+
+    The folder must hold the standard python-pickle files (data_batch_1..5, test_batch,
+    batches.meta). They are read directly rather than through ``torchvision.datasets.CIFAR10``
+    because that class rejects any file whose md5 differs from the official release; instead the
+    structure of every file is validated. Raises :class:`DatasetUnavailable` (naming the folder,
+    the problem and the fixes) when files are missing, truncated or corrupt.
+    """
+    folder = cifar10_folder(root)
+    if not folder.is_dir():
+        raise DatasetUnavailable(_unavailable_message(folder, "the folder does not exist"))
+    missing = _missing_files(folder)
+    if missing:
+        raise DatasetUnavailable(_unavailable_message(folder, f"missing {', '.join(missing)}"))
+    _check_meta(folder)
+    batches = [_read_batch(folder / name) for name in (_TRAIN_FILES if train else _TEST_FILES)]
+    data = np.concatenate([rows for rows, _ in batches])
+    labels = np.concatenate([ys for _, ys in batches])
+    # Each row is already channel-major (1024 R, then G, then B, each row-major), i.e. CHW
+    # flattened, so a reshape gives the CHW layout with no transpose or extra copy.
+    images = torch.from_numpy(data).reshape(-1, _CHANNELS, _SIDE, _SIDE)
+    return ArrayDataset(images=images, labels=torch.from_numpy(labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+# ---------------------------------------------------------------------------------------------
+
+# DNS failures, refused connections and timeouts; HTTPError (404 etc.) is a URLError too.
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror, http.client.HTTPException)
+# Raised by torchvision on an md5 mismatch (RuntimeError) or while extracting a bad archive.
+_ARCHIVE_ERRORS = (RuntimeError, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _offline_message(root: Path, exc: BaseException) -> str:
+    return (
+        f"Could not download CIFAR-10 from {CIFAR10.url} ({type(exc).__name__}: {exc}); "
+        "this machine appears to be offline or cannot reach the host. "
+        "Either train on synthetic CIFAR-shaped data with `data.synthetic=true`, or fetch "
+        f"cifar-10-python.tar.gz elsewhere and extract it so that {_FOLDER_NAME} sits under "
+        f"data.root (here: {root / _FOLDER_NAME})."
+    )
+
+
+def download_cifar10(root: str | Path, timeout_s: float = 60.0) -> None:
+    """Download and extract CIFAR-10 under ``root`` unless ``root/cifar-10-batches-py`` is complete.
+
+    Uses torchvision's downloader (official URL, archive md5 check). Every socket operation is
+    bounded by ``timeout_s`` so an offline node fails quickly instead of hanging (DNS lookups are
+    governed by the system resolver). Raises :class:`DatasetUnavailable` on network errors, a
+    corrupt archive, or an unwritable ``root``.
+    """
+    root = Path(root).expanduser()
+    if not _missing_files(cifar10_folder(root)):
+        return
+    # torchvision's urlopen calls take no timeout argument, so the process-wide default is the
+    # only handle; restore it so the rest of the program is unaffected.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except _NETWORK_ERRORS as exc:
+        raise DatasetUnavailable(_offline_message(root, exc)) from exc
+    except _ARCHIVE_ERRORS as exc:
+        problem = f"the downloaded archive was corrupt ({type(exc).__name__}: {exc}); delete {root / CIFAR10.filename}"
+        raise DatasetUnavailable(_unavailable_message(cifar10_folder(root), problem)) from exc
+    except OSError as exc:
+        problem = f"could not write under {root} ({type(exc).__name__}: {exc})"
+        raise DatasetUnavailable(_unavailable_message(cifar10_folder(root), problem)) from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+    missing = _missing_files(cifar10_folder(root))
+    if missing:
+        problem = f"the downloaded archive did not contain {', '.join(missing)}"
+        raise DatasetUnavailable(_unavailable_message(cifar10_folder(root), problem))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic stand-in
+# ---------------------------------------------------------------------------------------------
+
+_SYN_MAX_SHIFT = 4  # pixels each way; templates are rendered this much larger than the image
+_SYN_CHUNK = 4096  # images per vectorised step: bounds peak memory (~50 MB float32 per tensor)
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    # SeedSequence mixes (seed, stream) into well-separated states, so the template stream and
+    # the train/test sample streams never overlap for any pair of user seeds.
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _class_templates(seed: int) -> torch.Tensor:
+    """One smooth colour pattern per class, ``(10, 3, 40, 40)`` float in roughly [0, 255]."""
+    g = _generator(seed, 0)
+    side = _SIDE + 2 * _SYN_MAX_SHIFT
+    coarse = torch.randn(len(CLASSES), _CHANNELS, 4, 4, generator=g)
+    # Upsampling a 4x4 grid gives low-frequency blobs: structure a CNN can pick up under shifts.
+    pattern = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
+    pattern = pattern / pattern.std(dim=(1, 2, 3), keepdim=True)
+    colour = 64 + 128 * torch.rand(len(CLASSES), _CHANNELS, 1, 1, generator=g)
+    return colour + 40 * pattern
+
+
+def _render(templates: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Crop each sample's class template at a random offset and add brightness and pixel noise."""
+    n = len(labels)
+    offsets = torch.randint(0, 2 * _SYN_MAX_SHIFT + 1, (2, n, 1, 1, 1), generator=g)
+    grid = torch.arange(_SIDE)
+    rows = offsets[0] + grid.view(1, 1, _SIDE, 1)
+    cols = offsets[1] + grid.view(1, 1, 1, _SIDE)
+    channels = torch.arange(_CHANNELS).view(1, _CHANNELS, 1, 1)
+    images = templates[labels.view(n, 1, 1, 1), channels, rows, cols]
+    images += 16 * torch.randn(n, 1, 1, 1, generator=g)
+    images += 24 * torch.randn(images.shape, generator=g)
+    return images.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def synthetic_cifar10(n: int, seed: int, train: bool = True) -> ArrayDataset:
+    """A learnable CIFAR-shaped dataset: ``n`` images of shape (3, 32, 32), uint8, 10 classes.
+
+    Each class has a fixed smooth colour template derived from ``seed``; an image is its class
+    template, randomly shifted by up to 4 pixels, plus brightness and pixel noise. Train and test
+    share the templates but draw different samples, so a model fitted on one generalises to the
+    other. Labels are balanced (counts differ by at most one). Deterministic in (n, seed, train).
+    """
+    if n < 0 or seed < 0:
+        raise ValueError(f"n and seed must be non-negative, got n={n}, seed={seed}")
+    templates = _class_templates(seed)
+    g = _generator(seed, 1 if train else 2)
+    labels = (torch.arange(n) % len(CLASSES))[torch.randperm(n, generator=g)]
+    images = torch.empty(n, _CHANNELS, _SIDE, _SIDE, dtype=torch.uint8)
+    for start in range(0, n, _SYN_CHUNK):
+        stop = min(start + _SYN_CHUNK, n)
+        images[start:stop] = _render(templates, labels[start:stop], g)
+    return ArrayDataset(images=images, labels=labels)
