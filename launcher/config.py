@@ -97,7 +97,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False  #: deterministic kernels (slower; bit-exact resume on CPU)
     log_every: int = 50  #: optimizer steps between training-loss lines
-    progress: str = "auto"  #: "auto" (a bar on a terminal, plain lines otherwise), "bar", "lines", "off"
+    progress: str = "auto"  #: "auto" (a bar on a terminal, plain lines otherwise), "bar", "lines", "quiet"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("resnet18", "tiny"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.device": ("auto", "cuda", "cpu"),
-    "run.progress": ("auto", "bar", "lines", "off"),
+    "run.progress": ("auto", "bar", "lines", "quiet"),
 }
 _POSITIVE = ("train.epochs", "train.batch_size", "train.grad_accum", "eval.batch_size", "eval.every_epochs",
              "data.synthetic_train_size", "data.synthetic_test_size", "run.log_every", "checkpoint.keep_last")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import subprocess
@@ -40,7 +41,9 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
     os.environ.update(rank_environ(rank, world_size, port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: do not oversubscribe
     try:
-        out.put((rank, True, fn(*args)))
+        # Plain pickle bytes: torch's queue pickler would share tensors through file descriptors
+        # that vanish when this process exits.
+        out.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         out.put((rank, False, traceback.format_exc()))
 
@@ -65,7 +68,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 pytest.fail(f"ranks {missing} of {world_size} did not finish within {timeout}s (hang?)")
             if not ok:
                 pytest.fail(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=max(0.1, deadline - time.monotonic()))

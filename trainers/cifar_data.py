@@ -263,7 +263,13 @@ def download_cifar10(root: str | Path, timeout_s: float = 60.0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _SYN_MAX_SHIFT = 4  # pixels each way; templates are rendered this much larger than the image
-_SYN_CHUNK = 4096  # images per vectorised step: bounds peak memory (~50 MB float32 per tensor)
+_SYN_CHUNK = 8192  # images per vectorised step: bounds peak memory to ~50 MB of int16
+_SYN_COLOUR_SPREAD = 48  # class base colours lie within 128 +- this, per channel
+_SYN_CONTRAST = 32  # std of each class's spatial pattern, in pixel levels
+_SYN_JITTER = 32  # per-sample, per-channel colour offset in [-J, J]: colour alone is not enough
+_SYN_TILE = 4
+_SYN_TEXTURE = 16
+_SYN_NOISE_SHIFT = 1  # pixel noise is uniform in [-128, 127] >> this, i.e. +-64
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -273,47 +279,65 @@ def _generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def _class_templates(seed: int) -> torch.Tensor:
-    """One smooth colour pattern per class, ``(10, 3, 40, 40)`` float in roughly [0, 255]."""
+def _shifted_templates(seed: int) -> torch.Tensor:
+    """Every class template at every shift: ``(10 * 81, 3, 32, 32)`` int16 pixel levels.
+
+    Each class gets one smooth random colour pattern. Pre-cropping all 9x9 shifts turns the
+    per-sample random shift into a row lookup, far faster than a per-pixel gather.
+    """
     g = _generator(seed, 0)
-    side = _SIDE + 2 * _SYN_MAX_SHIFT
+    shifts = 2 * _SYN_MAX_SHIFT + 1
+    side = _SIDE + shifts - 1
     coarse = torch.randn(len(CLASSES), _CHANNELS, 4, 4, generator=g)
     # Upsampling a 4x4 grid gives low-frequency blobs: structure a CNN can pick up under shifts.
     pattern = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
     pattern = pattern / pattern.std(dim=(1, 2, 3), keepdim=True)
-    colour = 64 + 128 * torch.rand(len(CLASSES), _CHANNELS, 1, 1, generator=g)
-    return colour + 40 * pattern
+    tile = torch.randn(len(CLASSES), _CHANNELS, _SYN_TILE, _SYN_TILE, generator=g)
+    reps = -(-side // _SYN_TILE)
+    texture = tile.repeat(1, 1, reps, reps)[:, :, :side, :side]
+    pattern = pattern + _SYN_TEXTURE / max(_SYN_CONTRAST, 1) * texture
+    colour = 128 + _SYN_COLOUR_SPREAD * (2 * torch.rand(len(CLASSES), _CHANNELS, 1, 1, generator=g) - 1)
+    full = (colour + _SYN_CONTRAST * pattern).round().to(torch.int16)
+    crops = full.unfold(2, _SIDE, 1).unfold(3, _SIDE, 1)  # (10, 3, dy, dx, 32, 32)
+    return crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, _CHANNELS, _SIDE, _SIDE).contiguous()
 
 
-def _render(templates: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Crop each sample's class template at a random offset and add brightness and pixel noise."""
+def _pixel_noise(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Uniform int16 noise centred on zero, drawn 8 bytes per RNG call."""
+    count = int(np.prod(shape))
+    # One 64-bit draw yields 8 noise bytes; drawing one number per pixel dominated generation time.
+    words = torch.randint(-(2**63), 2**63 - 1, ((count + 7) // 8,), generator=g, dtype=torch.int64)
+    noise = words.view(torch.uint8)[:count].view(shape).to(torch.int16)
+    return (noise - 128) >> _SYN_NOISE_SHIFT
+
+
+def _render(crops: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Pick each sample's class template at a random shift and add colour jitter and pixel noise."""
     n = len(labels)
-    offsets = torch.randint(0, 2 * _SYN_MAX_SHIFT + 1, (2, n, 1, 1, 1), generator=g)
-    grid = torch.arange(_SIDE)
-    rows = offsets[0] + grid.view(1, 1, _SIDE, 1)
-    cols = offsets[1] + grid.view(1, 1, 1, _SIDE)
-    channels = torch.arange(_CHANNELS).view(1, _CHANNELS, 1, 1)
-    images = templates[labels.view(n, 1, 1, 1), channels, rows, cols]
-    images += 16 * torch.randn(n, 1, 1, 1, generator=g)
-    images += 24 * torch.randn(images.shape, generator=g)
-    return images.round_().clamp_(0, 255).to(torch.uint8)
+    shifts_per_class = len(crops) // len(CLASSES)
+    shift = torch.randint(0, shifts_per_class, (n,), generator=g)
+    images = crops.index_select(0, labels * shifts_per_class + shift)
+    images += torch.randint(-_SYN_JITTER, _SYN_JITTER + 1, (n, _CHANNELS, 1, 1), generator=g, dtype=torch.int16)
+    images += _pixel_noise(tuple(images.shape), g)
+    return images.clamp_(0, 255).to(torch.uint8)
 
 
 def synthetic_cifar10(n: int, seed: int, train: bool = True) -> ArrayDataset:
     """A learnable CIFAR-shaped dataset: ``n`` images of shape (3, 32, 32), uint8, 10 classes.
 
     Each class has a fixed smooth colour template derived from ``seed``; an image is its class
-    template, randomly shifted by up to 4 pixels, plus brightness and pixel noise. Train and test
-    share the templates but draw different samples, so a model fitted on one generalises to the
-    other. Labels are balanced (counts differ by at most one). Deterministic in (n, seed, train).
+    template, randomly shifted by up to 4 pixels, plus a random colour cast and pixel noise.
+    Train and test share the templates but draw different samples, so a model fitted on one
+    generalises to the other. Labels are balanced (counts differ by at most one).
+    Deterministic in (n, seed, train) on a given platform and torch version.
     """
     if n < 0 or seed < 0:
         raise ValueError(f"n and seed must be non-negative, got n={n}, seed={seed}")
-    templates = _class_templates(seed)
+    crops = _shifted_templates(seed)
     g = _generator(seed, 1 if train else 2)
     labels = (torch.arange(n) % len(CLASSES))[torch.randperm(n, generator=g)]
     images = torch.empty(n, _CHANNELS, _SIDE, _SIDE, dtype=torch.uint8)
     for start in range(0, n, _SYN_CHUNK):
         stop = min(start + _SYN_CHUNK, n)
-        images[start:stop] = _render(templates, labels[start:stop], g)
+        images[start:stop] = _render(crops, labels[start:stop], g)
     return ArrayDataset(images=images, labels=labels)

@@ -8,13 +8,22 @@ tested on any machine and CPU ranks train like GPU ranks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import ContextManager
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def _global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks that autograd can differentiate (its backward is a sum of the gradients).
+
+    torch's functional collectives are the supported differentiable all_reduce (the older
+    torch.distributed.nn.functional one is deprecated)."""
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
 
 
 class GlooSyncBatchNorm(nn.BatchNorm2d):
@@ -31,10 +40,10 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         dims = (0, 2, 3)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = torch.cat([count, x.sum(dims)])
-        stats = dist_fn.all_reduce(stats)
+        stats = _global_sum(stats)
         n, mean = stats[0], stats[1:] / stats[0]
         centred = x - mean[None, :, None, None]
-        var = dist_fn.all_reduce(centred.pow(2).sum(dims)) / n
+        var = _global_sum(centred.pow(2).sum(dims)) / n
         self._update_running_stats(mean.detach(), var.detach(), n.detach())
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
@@ -71,6 +80,11 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return _swap_batchnorm(model)
 
 
+# DDP renamed broadcast_buffers to forward_sync_buffers (same meaning); use whichever this torch has.
+_SYNC_BUFFERS = ({"forward_sync_buffers": True} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                 else {"broadcast_buffers": True})
+
+
 def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
     """DDP around ``model`` when there is more than one rank; the model itself otherwise."""
     if world_size == 1:
@@ -78,7 +92,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Modu
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (BatchNorm running stats) are broadcast from rank 0 each forward, so every rank
     # evaluates and checkpoints the same model.
-    return DDP(model, device_ids=ids, broadcast_buffers=True, gradient_as_bucket_view=True)
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **_SYNC_BUFFERS)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

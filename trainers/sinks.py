@@ -44,7 +44,7 @@ class MainSink:
         self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
         # A bar only on a terminal: in SLURM logs (not a TTY) redraws would flood the file.
         self.use_bar = progress == "bar" or (progress == "auto" and self.console.is_terminal)
-        self.quiet = progress == "off"
+        self.quiet = progress == "quiet"
         self.metrics = open(metrics_path, "a", buffering=1) if metrics_path else None
         self.progress: Progress | None = None
         self.task: Any = None
@@ -83,7 +83,10 @@ class MainSink:
 
 def make_sink(is_main: bool, run_dir: Path, progress: str) -> Sink:
     """The rank's sink: the real one on rank 0, a null one elsewhere."""
-    return MainSink(run_dir / "metrics.jsonl", progress) if is_main else NullSink()
+    if not is_main:
+        return NullSink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return MainSink(run_dir / "metrics.jsonl", progress)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

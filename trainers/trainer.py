@@ -261,7 +261,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- checkpoints
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks: RNG streams and the unlogged loss window."""
-        return {"rng": rng_state(), "window": self.window.item(), "window_steps": self.window_steps}
+        return {"rng": rng_state(self.rt.device), "window": self.window.item(), "window_steps": self.window_steps}
 
     def _checkpoint_state(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -335,6 +335,6 @@ class Trainer:
             seed_everything(self.seed + self.rt.rank)
             mine = {"window": sum(r["window"] for r in ranks) / len(ranks), "window_steps": ranks[0]["window_steps"]}
         else:
-            set_rng_state(mine["rng"])
+            set_rng_state(mine["rng"], self.rt.device)
         self.window.fill_(mine["window"])
         self.window_steps = mine["window_steps"]

@@ -1,0 +1,84 @@
+"""Small tasks and rank functions shared by the distributed tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from launcher.config import Config, load_config
+from launcher.runtime import Runtime, distributed
+from trainers.cifar import CifarTask
+from trainers.parallel import unwrap
+from trainers.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
+
+
+class NoNormTask(CifarTask):
+    """CIFAR (synthetic) with a CNN without BatchNorm: its gradient does not depend on how a batch is split."""
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        w = cfg.model.width
+        return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                             nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(w, 10))
+
+
+TASKS = {"cifar": CifarTask, "nonorm": NoNormTask}
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+class TracingTrainer(Trainer):
+    """Records the flattened parameters after every optimizer step."""
+
+    trace: list[torch.Tensor]
+
+    def _after_step(self) -> None:
+        super()._after_step()
+        self.trace = getattr(self, "trace", [])
+        self.trace.append(flat_params(unwrap(self.model)))
+
+
+def debug_config(overrides: list[str]) -> Config:
+    return load_config(DEBUG_CONFIG, ["run.progress=quiet", "checkpoint.resume=never", *overrides])
+
+
+def train_trace(task: str, overrides: list[str], run_dir: str) -> list[torch.Tensor]:
+    """Rank function: train with the debug config and return the per-step parameter trace."""
+    torch.set_num_threads(1)
+    cfg = debug_config([f"run.dir={run_dir}", *overrides])
+    with distributed(cfg.dist) as rt:
+        if rt.is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        rt.barrier("test set-up")
+        trainer = TracingTrainer(cfg, rt, TASKS[task](), Path(run_dir))
+        trainer.fit()
+        return trainer.trace
+
+
+def evaluate_initial(overrides: list[str], run_dir: str) -> dict[str, Any]:
+    """Rank function: exact evaluation of the freshly initialised model."""
+    torch.set_num_threads(1)
+    cfg = debug_config([f"run.dir={run_dir}", *overrides])
+    with distributed(cfg.dist) as rt:
+        trainer = Trainer(cfg, rt, CifarTask(), Path(run_dir))
+        result = trainer.evaluate()
+        trainer.sink.close()
+        return {**result, "rank": rt.rank, "world": int(os.environ["WORLD_SIZE"])}
+
+
+def runtime_identity() -> dict[str, Any]:
+    """Rank function: who the runtime thinks this process is."""
+    cfg = debug_config([])
+    with distributed(cfg.dist) as rt:
+        rt: Runtime
+        return {"rank": rt.rank, "world": rt.world_size, "backend": rt.backend, "device": str(rt.device),
+                "any": rt.any(rt.rank == 1, "test"), "gathered": rt.gather_objects(rt.rank * 10, "test")}
