@@ -195,7 +195,12 @@ def _load_file(path: Path) -> Any:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data:, train:, ...).")
-    return OmegaConf.create(data)
+    # A section whose keys are all commented out reads as None: treat it as empty, not as a bad key.
+    data = {k: ({} if v is None else v) for k, v in data.items()}
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as e:  # e.g. a YAML date, which no key of the schema can hold
+        raise _explain(e, str(path)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -228,11 +233,12 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) not in choices:
             raise ConfigError(f"'{key}' is '{_get(cfg, key)}', which is not one of {', '.join(choices)}; "
                               f"set {key}={choices[0]} or another of these.")
+    # Written as "not (x > 0)" so that NaN, which compares false with everything, is rejected too.
     for key in _POSITIVE:
-        if _get(cfg, key) <= 0:
+        if not _get(cfg, key) > 0:
             raise ConfigError(f"'{key}' must be positive, got {_get(cfg, key)}.")
     for key in _NON_NEGATIVE:
-        if _get(cfg, key) < 0:
+        if not _get(cfg, key) >= 0:
             raise ConfigError(f"'{key}' must not be negative, got {_get(cfg, key)}.")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume='{cfg.checkpoint.resume}' is neither 'auto', 'never' nor an existing "

@@ -195,11 +195,6 @@ def test_boundary_values_are_accepted(override, section, leaf, expected):
     assert getattr(getattr(cfg, section), leaf) == expected
 
 
-@pytest.mark.xfail(
-    reason="BUG launcher/config.py validate(): range checks use `< 0` / `<= 0`, which are False for NaN, "
-           "so train.lr=nan (and any other float key) passes validation",
-    strict=True,
-)
 @pytest.mark.parametrize("override", ["train.lr=nan", "dist.timeout_s=nan"])
 def test_nan_float_is_rejected(override):
     with pytest.raises(ConfigError):
@@ -243,12 +238,6 @@ def test_invalid_yaml_raises(tmp_path):
         load_config(path)
 
 
-@pytest.mark.xfail(
-    reason="BUG launcher/config.py _load_file(): OmegaConf.create(data) is outside any try/except, so a value "
-           "PyYAML turns into a non-primitive (a date such as 2024-01-01) escapes as omegaconf's "
-           "UnsupportedValueType instead of a ConfigError",
-    strict=True,
-)
 def test_date_value_in_yaml_file_gives_config_error_or_string(tmp_path):
     path = write_yaml(tmp_path, "run:\n  name: 2024-01-01\n")
     try:
@@ -259,11 +248,6 @@ def test_date_value_in_yaml_file_gives_config_error_or_string(tmp_path):
         assert cfg.run.name == "2024-01-01"
 
 
-@pytest.mark.xfail(
-    reason="BUG launcher/config.py _check_keys(): a section whose keys are all commented out loads as None, "
-           "flatten() yields ('train', None) and the valid section 'train' is reported as an unknown key",
-    strict=True,
-)
 def test_empty_section_is_not_reported_as_unknown_key(tmp_path):
     path = write_yaml(tmp_path, "train:\n  # epochs: 3\n")
     try:
