@@ -88,3 +88,38 @@ def run_command(cmd: Sequence[str], timeout: float = 300, env: dict[str, str] | 
 
 
 PYTHON = sys.executable
+
+
+def start_ranks(args: Sequence[str], world_size: int, env: dict[str, str] | None = None,
+                log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Start ``python -m <args>`` as ``world_size`` ranks with torchrun's variables, as torchrun would,
+    but as direct children so that a test can signal one rank. Output goes to log_dir/rank{r}.log."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **rank_environ(rank, world_size, port), **(env or {})}
+        out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen([PYTHON, "-m", *args], cwd=REPO, env=full_env, stdout=out,
+                                      stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float, logs: Path | None = None) -> list[int]:
+    """Exit codes of all processes; kills them all and fails the test if the deadline passes."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tail = "".join((logs / f"rank{r}.log").read_text()[-2000:] for r in range(len(procs))) if logs else ""
+        pytest.fail(f"ranks did not exit within {timeout}s (hang?)\n{tail}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.01) -> None:
+    """Poll ``condition`` until true; fail the test naming ``what`` at the deadline (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)

@@ -82,3 +82,15 @@ def runtime_identity() -> dict[str, Any]:
         rt: Runtime
         return {"rank": rt.rank, "world": rt.world_size, "backend": rt.backend, "device": str(rt.device),
                 "any": rt.any(rt.rank == 1, "test"), "gathered": rt.gather_objects(rt.rank * 10, "test")}
+
+
+def evaluate_checkpoint(checkpoint: str, run_dir: str) -> dict[str, Any]:
+    """Rank function: load ``checkpoint`` (explicit path) and evaluate it exactly."""
+    torch.set_num_threads(1)
+    cfg = load_config(DEBUG_CONFIG, ["run.progress=quiet", f"run.dir={run_dir}", f"checkpoint.resume={checkpoint}"])
+    with distributed(cfg.dist) as rt:
+        trainer = Trainer(cfg, rt, CifarTask(), Path(run_dir))
+        trainer.resume()
+        result = trainer.evaluate()
+        trainer.sink.close()
+        return result

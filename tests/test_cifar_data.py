@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import pickle
 import socket
+import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -204,8 +210,46 @@ def test_pickle_cannot_run_code(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
+        pass
+
+
 @pytest.fixture
-def sentinel_default_timeout() -> object:
+def served_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Serve a real-layout cifar-10-python.tar.gz over local HTTP and point torchvision at it."""
+    write_cifar10_batches(tmp_path / "src", n_train=15, n_test=5, seed=4)
+    archive = tmp_path / "www" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    handler = functools.partial(_QuietHandler, directory=str(archive.parent))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        monkeypatch.setattr(tv_cifar.CIFAR10, "url", url)
+        monkeypatch.setattr(tv_cifar.CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+        yield tmp_path / "dst"
+        server.shutdown()
+
+
+def test_download_fetches_and_extracts_the_archive(served_archive: Path) -> None:
+    download_cifar10(served_archive, timeout_s=5.0)
+    train = load_cifar10(served_archive, train=True)
+    assert torch.equal(train.images, synthetic_cifar10(15, 4).images)
+    assert len(load_cifar10(served_archive, train=False)) == 5
+
+
+def test_download_with_wrong_checksum_is_reported(served_archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tv_cifar.CIFAR10, "tgz_md5", "0" * 32)
+    with pytest.raises(DatasetUnavailable) as info:
+        download_cifar10(served_archive, timeout_s=5.0)
+    _assert_actionable(info.value, "corrupt")
+    assert not cifar10_folder(served_archive).exists()
+
+
+@pytest.fixture
+def sentinel_default_timeout() -> Iterator[float]:
     """A non-default process socket timeout, restored afterwards, to prove download restores it."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(7.0)

@@ -20,7 +20,7 @@ import urllib.error
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
-# Per-pixel statistics over the 50k training images scaled to [0, 1]. The often-quoted
-# std (0.2023, 0.1994, 0.2010) is the mean of per-image stds, which is not what Normalize needs.
+# Per-channel statistics over all pixels of the 50k training images scaled to [0, 1]. The
+# often-quoted std (0.2023, 0.1994, 0.2010) is not this dataset-wide std that Normalize expects.
 CIFAR10_MEAN: tuple[float, float, float] = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_STD: tuple[float, float, float] = (0.24703223, 0.24348513, 0.26158784)
 CLASSES: tuple[str, ...] = (
@@ -102,7 +102,8 @@ def cifar10_folder(root: str | Path) -> Path:
 def _unavailable_message(folder: Path, problem: str) -> str:
     return (
         f"CIFAR-10 is not usable at {folder}: {problem}. "
-        "Fix it in one of three ways: allow the download on a machine with internet access "
+        "Fix it in one of three ways: allow the download (`data.download=true`) on a machine with "
+        "internet access "
         f"(it fetches {CIFAR10.url} and extracts it there); "
         f"put the original python-version files ({', '.join(_ALL_FILES)}) in {folder} yourself; "
         "or train on synthetic CIFAR-shaped data with `data.synthetic=true`."
@@ -111,6 +112,10 @@ def _unavailable_message(folder: Path, problem: str) -> str:
 
 def _missing_files(folder: Path) -> list[str]:
     return [name for name in _ALL_FILES if not (folder / name).is_file()]
+
+
+# numpy's array-rebuilding function, reached through a public method instead of a private module.
+_NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -122,8 +127,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED: dict[tuple[str, str], Any] = {
-        ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+        ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): codecs.encode,
@@ -264,11 +269,11 @@ def download_cifar10(root: str | Path, timeout_s: float = 60.0) -> None:
 
 _SYN_MAX_SHIFT = 4  # pixels each way; templates are rendered this much larger than the image
 _SYN_CHUNK = 8192  # images per vectorised step: bounds peak memory to ~50 MB of int16
-_SYN_COLOUR_SPREAD = 48  # class base colours lie within 128 +- this, per channel
-_SYN_CONTRAST = 32  # std of each class's spatial pattern, in pixel levels
-_SYN_JITTER = 32  # per-sample, per-channel colour offset in [-J, J]: colour alone is not enough
-_SYN_TILE = 4
-_SYN_TEXTURE = 16
+# The levels below were tuned so the task is neither trivial nor hopeless: nearest-class-mean
+# scores ~80% on the test split and a 3-layer CNN ~90% after a few epochs on 10k images.
+_SYN_COLOUR_SPREAD = 24  # class base colours lie within 128 +- this, per channel
+_SYN_CONTRAST = 20  # std of each class's spatial pattern, in pixel levels
+_SYN_JITTER = 40  # per-sample, per-channel colour cast in [-J, J]: mean colour alone is ambiguous
 _SYN_NOISE_SHIFT = 1  # pixel noise is uniform in [-128, 127] >> this, i.e. +-64
 
 
@@ -292,10 +297,6 @@ def _shifted_templates(seed: int) -> torch.Tensor:
     # Upsampling a 4x4 grid gives low-frequency blobs: structure a CNN can pick up under shifts.
     pattern = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
     pattern = pattern / pattern.std(dim=(1, 2, 3), keepdim=True)
-    tile = torch.randn(len(CLASSES), _CHANNELS, _SYN_TILE, _SYN_TILE, generator=g)
-    reps = -(-side // _SYN_TILE)
-    texture = tile.repeat(1, 1, reps, reps)[:, :, :side, :side]
-    pattern = pattern + _SYN_TEXTURE / max(_SYN_CONTRAST, 1) * texture
     colour = 128 + _SYN_COLOUR_SPREAD * (2 * torch.rand(len(CLASSES), _CHANNELS, 1, 1, generator=g) - 1)
     full = (colour + _SYN_CONTRAST * pattern).round().to(torch.int16)
     crops = full.unfold(2, _SIDE, 1).unfold(3, _SIDE, 1)  # (10, 3, dy, dx, 32, 32)

@@ -45,7 +45,8 @@ class MainSink:
         # A bar only on a terminal: in SLURM logs (not a TTY) redraws would flood the file.
         self.use_bar = progress == "bar" or (progress == "auto" and self.console.is_terminal)
         self.quiet = progress == "quiet"
-        self.metrics = open(metrics_path, "a", buffering=1) if metrics_path else None
+        self.metrics_path = metrics_path
+        self.metrics: Any = None  # opened at the first record: a resume may rewrite the file before that
         self.progress: Progress | None = None
         self.task: Any = None
 
@@ -54,8 +55,11 @@ class MainSink:
             self.console.print(*objects)
 
     def metric(self, record: dict[str, Any]) -> None:
-        if self.metrics:
-            self.metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.metrics_path is None:
+            return
+        if self.metrics is None:
+            self.metrics = open(self.metrics_path, "a", buffering=1)
+        self.metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
     def epoch_start(self, epoch: int, steps: int, done: int) -> None:
         if not self.use_bar:

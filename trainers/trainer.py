@@ -123,28 +123,31 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop signal, raising ``Preempted``); returns the final metrics."""
         self.resume()
-        last_eval: dict[str, Any] = {}
+        result: dict[str, Any] = {}
         try:
-            while self.state.epoch < self.cfg.train.epochs and not self._done():
+            while not self._finished():
                 self.train_epoch(self.state.epoch)
-                if self._done() or self.state.step_in_epoch == self.steps_per_epoch:
-                    last_eval = self._end_of_epoch()
-            if not last_eval:
-                last_eval = self.evaluate()
-            self.save(final=True, metric=last_eval.get("test_acc"))
+                result = self._end_of_epoch()
+            if not result:  # resumed from a finished run: report, log nothing new
+                result = self.evaluate()
+            self.save(final=True, metric=result["test_acc"])
             self._save_model()
         finally:
             self.sink.close()
-        return {**last_eval, "global_step": self.state.global_step}
+        return {**result, "global_step": self.state.global_step}
 
     def _done(self) -> bool:
         return self.state.global_step >= self.total_steps
 
+    def _finished(self) -> bool:
+        return self._done() or self.state.epoch >= self.cfg.train.epochs
+
     def _end_of_epoch(self) -> dict[str, Any]:
+        """Evaluate and checkpoint as configured once an epoch (or the step budget) is used up."""
         epoch = self.state.epoch
-        last = epoch + 1 == self.cfg.train.epochs or self._done()
-        if not self._done():
+        if self.state.step_in_epoch == self.steps_per_epoch:  # not when max_steps stopped mid-epoch
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        last = self._finished()
         result: dict[str, Any] = {}
         if last or (epoch + 1) % self.cfg.eval.every_epochs == 0:
             result = self.evaluate()
@@ -152,7 +155,7 @@ class Trainer:
                             f"  ({result['test_samples']} samples)")
             self.sink.metric({"kind": "eval", "epoch": epoch, "step": self.state.global_step, **result})
         every = self.cfg.checkpoint.every_epochs
-        if every and (epoch + 1) % every == 0 and not last:
+        if every and (epoch + 1) % every == 0 and not last:  # the last one is the final checkpoint
             self.save(metric=result.get("test_acc"))
         return result
 
@@ -296,18 +299,22 @@ class Trainer:
     def resume(self) -> None:
         """Continue from a checkpoint as checkpoint.resume says: auto, never, or a path."""
         choice = self.cfg.checkpoint.resume
-        if choice == "never":
-            return
+        found = None
+        if choice == "never" and self.ckpt.list():
+            raise ConfigError(
+                f"checkpoint.resume=never but {self.ckpt.directory} already holds checkpoints, which a fresh run "
+                "would overwrite and prune. Choose a new run.dir, or resume with checkpoint.resume=auto.")
         if choice == "auto":
             found = self.ckpt.load_latest(map_location="cpu")
-            if found is None:
-                return
-            state, path = found
-        else:
-            state, path = load_checkpoint(choice, map_location="cpu"), Path(choice)
-        self._restore(state)
-        if self.rt.is_main:
+        elif choice != "never":
+            found = load_checkpoint(choice, map_location="cpu"), Path(choice)
+        if found is not None:
+            self._restore(found[0])
+        if self.rt.is_main:  # records past the resumed step (or all, for a fresh start) are redone
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
+        if found is None:
+            return
+        path = found[1]
         self.sink.print(f"Resumed from {path} at epoch {self.state.epoch}, step {self.state.global_step} "
                         f"({self.state.step_in_epoch} steps into the epoch).")
 

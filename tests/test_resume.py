@@ -1,0 +1,185 @@
+"""Checkpoints that never lose work: exact resume after SIGTERM, kill -9 mid-save, corrupt files,
+torchrun restarts, and checkpoints moving between world sizes. Real processes, gloo on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from launcher.signals import PREEMPTED_EXIT_CODE
+from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint
+from trainers.checkpoint import CheckpointManager
+
+# 64 steps per epoch, 2 epochs: long enough to interrupt well inside the first epoch.
+EXACT = ["data.synthetic_train_size=4096", "train.batch_size=64", "train.epochs=2", "run.log_every=1",
+         "run.deterministic=true", "run.progress=lines", "checkpoint.every_epochs=1", "model.width=8"]
+
+
+def _train_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", *EXACT, *extra]
+
+
+def _records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def _last_step(run_dir: Path) -> int:
+    records = _records(run_dir)
+    return records[-1]["step"] if records else 0
+
+
+def _run_ranks_to_end(args: list[str], world: int, logs: Path, timeout: float = 300) -> list[int]:
+    logs.mkdir(parents=True, exist_ok=True)
+    return wait_all(start_ranks(args, world, log_dir=logs), timeout, logs)
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def test_sigterm_to_one_rank_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert _run_ranks_to_end(_train_args(straight), 2, tmp_path / "logs-a") == [0, 0]
+
+    logs = tmp_path / "logs-b"
+    logs.mkdir()
+    procs = start_ranks(_train_args(broken), 2, log_dir=logs)
+    wait_for(lambda: _last_step(broken) >= 10 or any(p.poll() is not None for p in procs), 240,
+             "the interrupted run to reach step 10")
+    procs[1].send_signal(signal.SIGTERM)  # one rank is enough: the ranks agree at the next step
+    codes = wait_all(procs, 120, logs)
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, (logs / "rank0.log").read_text()[-3000:]
+
+    state, path = CheckpointManager(broken / "checkpoints").load_latest()  # type: ignore[misc]
+    stopped_at = state["train_state"]["global_step"]
+    assert 0 < state["train_state"]["step_in_epoch"] < 64, "the interruption must fall inside an epoch"
+    assert len(state["ranks"]) == 2 and "python" in state["ranks"][1]["rng"]
+
+    assert _run_ranks_to_end(_train_args(broken), 2, tmp_path / "logs-c") == [0, 0]
+    resumed_log = (tmp_path / "logs-c" / "rank0.log").read_text()
+    assert f"Resumed from {path}" in resumed_log
+
+    a, b = _final_weights(straight), _final_weights(broken)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    after = lambda d: [(r["step"], r["loss"]) for r in _records(d) if r["step"] > stopped_at]  # noqa: E731
+    assert after(straight) == after(broken) and len(after(straight)) == 128 - stopped_at
+    steps = [r["step"] for r in _records(broken)]
+    assert steps == list(range(1, 129)), "each step is logged exactly once across the interruption"
+
+
+def test_sigkill_while_checkpoint_is_written_keeps_previous_and_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    ckpt_dir = run_dir / "checkpoints"
+    # ResNet-18 checkpoints (~130 MB with momentum) take long enough to write to be caught mid-write.
+    args = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "model.name=resnet18",
+            "model.width=64", "data.synthetic_train_size=160", "train.batch_size=16", "train.epochs=1",
+            "checkpoint.every_steps=1", "run.progress=lines"]
+    proc = subprocess.Popen([PYTHON, "-m", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def writing_second() -> bool:
+        names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
+        return any(n.startswith("step-") for n in names) and any(".tmp" in n for n in names) \
+            or proc.poll() is not None
+
+    wait_for(writing_second, 240, "a checkpoint write after the first checkpoint", poll=0.001)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-write"
+    assert any(".tmp" in n for n in os.listdir(ckpt_dir)), "the kill should have left a partial temp file"
+
+    found = CheckpointManager(ckpt_dir).load_latest()
+    assert found is not None
+    resumed_step = found[0]["train_state"]["global_step"]
+    assert resumed_step >= 1
+
+    result = run_command([PYTHON, "-m", *args], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"at epoch 0, step {resumed_step}" in result.stdout
+    assert not any(".tmp" in n for n in os.listdir(ckpt_dir)), "stale temp files are cleaned up"
+    assert (run_dir / "model.pt").exists()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    base = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "run.progress=lines",
+            "checkpoint.keep_last=5"]
+    first = run_command([PYTHON, "-m", *base], timeout=300)
+    assert first.returncode == 0, first.stderr
+    newest = run_dir / "checkpoints" / "step-00000032.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk or a lost node
+
+    again = run_command([PYTHON, "-m", *base, "train.epochs=3"], timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "step-00000032.pt is unusable" in again.stdout
+    assert "at epoch 1, step 16" in again.stdout  # the previous, epoch-0 checkpoint
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records}), "no duplicated steps"
+
+
+def test_all_checkpoints_corrupt_is_a_clear_error_and_keeps_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    base = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "run.progress=quiet"]
+    assert run_command([PYTHON, "-m", *base], timeout=300).returncode == 0
+    files = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    for f in files:
+        f.write_bytes(b"garbage")
+    again = run_command([PYTHON, "-m", *base], timeout=300)
+    assert again.returncode == 2
+    assert "checkpoint.resume" in again.stderr
+    assert sorted((run_dir / "checkpoints").glob("step-*.pt")) == files, "nothing saved before is deleted"
+
+
+def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", *_train_args(run_dir, "checkpoint.every_steps=5", "run.deterministic=false")]
+    log = (tmp_path / "torchrun.log").open("w")
+    agent = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                             stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _last_step(run_dir) >= 12 or agent.poll() is not None, 240, "step 12")
+        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, f"expected 2 workers under torchrun, found {workers}"
+        os.kill(int(workers[1]), signal.SIGKILL)
+        code = agent.wait(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    output = (tmp_path / "torchrun.log").read_text()
+    assert code == 0, output[-4000:]
+    assert "Resumed from" in output
+    steps = [r["step"] for r in _records(run_dir)]
+    assert steps == list(range(1, 129)), "the restarted group redid the lost steps once and finished"
+    final = CheckpointManager(run_dir / "checkpoints").load_latest()
+    assert final is not None and final[0]["train_state"]["global_step"] == 128
+
+
+@pytest.mark.parametrize("saved_world,loaded_world", [(2, 1), (1, 2)])
+def test_checkpoint_moves_between_world_sizes(tmp_path: Path, saved_world: int, loaded_world: int) -> None:
+    run_dir = tmp_path / "run"
+    args = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "run.progress=quiet",
+            "train.epochs=1"]
+    assert _run_ranks_to_end(args, saved_world, tmp_path / "logs") == [0] * saved_world
+    ckpt = CheckpointManager(run_dir / "checkpoints").latest_path()
+    assert ckpt is not None
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in torch.load(ckpt, weights_only=True)["model"])
+    saved_acc = _records(run_dir, "eval")[-1]["test_acc"]
+    results = run_ranks(evaluate_checkpoint, loaded_world, str(ckpt), str(tmp_path / "eval"))
+    for r in results:
+        assert r["test_acc"] == saved_acc and r["test_samples"] == 500
