@@ -29,14 +29,22 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the phase and the likely cause."""
 
 
+# gloo raises plain RuntimeErrors for timeouts and lost peers; nccl and the store raise DistErrors.
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    return isinstance(e, dist.DistError) or any(m in str(e).lower() for m in _COLLECTIVE_MARKERS)
+
+
 @contextmanager
 def phase(name: str, rank: int, timeout_s: float) -> Iterator[None]:
     """Re-raise a failed collective with the phase it belonged to, so a hang reads as a diagnosis."""
     try:
         yield
-    except (RuntimeError, dist.DistError) as e:  # gloo/nccl timeouts and lost peers are RuntimeErrors
-        if isinstance(e, CollectiveError):
-            raise
+    except RuntimeError as e:
+        if isinstance(e, CollectiveError) or not _is_collective_failure(e):
+            raise  # a bug in the step itself keeps its own traceback
         raise CollectiveError(
             f"Rank {rank}: a collective in phase '{name}' failed: {str(e).splitlines()[0] if str(e) else e!r}. "
             f"Another rank most likely died or stopped answering (its own log says why); ranks give up after "

@@ -91,15 +91,17 @@ PYTHON = sys.executable
 
 
 def start_ranks(args: Sequence[str], world_size: int, env: dict[str, str] | None = None,
-                log_dir: Path | None = None) -> list[subprocess.Popen]:
+                log_dir: Path | None = None, wrap: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
     """Start ``python -m <args>`` as ``world_size`` ranks with torchrun's variables, as torchrun would,
-    but as direct children so that a test can signal one rank. Output goes to log_dir/rank{r}.log."""
+    but as direct children so that a test can signal one rank. Output goes to log_dir/rank{r}.log;
+    ``wrap[r]`` is a command prefix for rank r (e.g. a namespace wrapper)."""
     port = free_port()
     procs = []
     for rank in range(world_size):
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", **rank_environ(rank, world_size, port), **(env or {})}
         out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen([PYTHON, "-m", *args], cwd=REPO, env=full_env, stdout=out,
+        cmd = [*(wrap or {}).get(rank, []), PYTHON, "-m", *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out,
                                       stderr=subprocess.STDOUT))
     return procs
 

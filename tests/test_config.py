@@ -317,3 +317,9 @@ def test_replace_changes_only_named_leaves():
 def test_replace_unknown_leaf_raises():
     with pytest.raises(TypeError):
         replace(load_config(), train={"epoch": 3})
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k in schema_keys() if f"`{k}`" not in readme]
+    assert not missing, f"README does not document: {missing}"

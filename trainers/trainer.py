@@ -168,7 +168,8 @@ class Trainer:
         self.sink.epoch_start(epoch, self.steps_per_epoch, self.state.step_in_epoch)
         tick = time.perf_counter()
         for images, labels, index in loader:
-            self.window += self.train_step(images, labels, index, epoch)
+            with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
+                self.window += self.train_step(images, labels, index, epoch)
             self.window_steps += 1
             self.state.step_in_epoch += 1
             self.state.global_step += 1
