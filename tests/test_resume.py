@@ -20,7 +20,8 @@ from trainers.checkpoint import CheckpointManager
 
 # 64 steps per epoch, 2 epochs: long enough to interrupt well inside the first epoch.
 EXACT = ["data.synthetic_train_size=4096", "train.batch_size=64", "train.epochs=2", "run.log_every=1",
-         "run.deterministic=true", "run.progress=lines", "checkpoint.every_epochs=1", "model.width=8"]
+         "run.deterministic=true", "run.progress=lines", "checkpoint.every_epochs=1", "model.width=8",
+         "train.augment=true"]  # augmentation is part of what must resume exactly
 
 
 def _train_args(run_dir: Path, *extra: str) -> list[str]:

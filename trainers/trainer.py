@@ -72,6 +72,7 @@ class Trainer:
         # resumed run logs bit-for-bit what the uninterrupted run logs.
         self.window = torch.zeros((), device=rt.device)
         self.window_steps = 0
+        self.timing = [0, 0.0]  # steps and seconds of training (not evaluation) since the last log line
         self.rank_batch = per_rank_batch(cfg.train.batch_size, rt.world_size)
         per_rank_batch(cfg.train.batch_size, rt.world_size, cfg.train.grad_accum)  # divisibility check
         self.seed = cfg.run.seed
@@ -167,20 +168,27 @@ class Trainer:
         self.model.train()
         self.sink.epoch_start(epoch, self.steps_per_epoch, self.state.step_in_epoch)
         tick = time.perf_counter()
+        timed = 0
         for images, labels, index in loader:
             with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
                 self.window += self.train_step(images, labels, index, epoch)
             self.window_steps += 1
+            timed += 1
             self.state.step_in_epoch += 1
             self.state.global_step += 1
             self.sink.advance(self.state.step_in_epoch)
             if self.state.global_step % self.cfg.run.log_every == 0:
-                self._log_train(time.perf_counter() - tick)
-                tick = time.perf_counter()
+                self._add_timing(timed, tick)
+                self._log_train()
+                tick, timed = time.perf_counter(), 0
             self._after_step()
             if self._done():
                 break
+        self._add_timing(timed, tick)
         self.sink.epoch_end()
+
+    def _add_timing(self, steps: int, since: float) -> None:
+        self.timing = [self.timing[0] + steps, self.timing[1] + time.perf_counter() - since]
 
     def _after_step(self) -> None:
         """Step-boundary duties: periodic checkpoints and the agreed stop on a signal."""
@@ -214,19 +222,22 @@ class Trainer:
             x = self.augment(x, index, epoch)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.model.channels_last else x
 
-    def _log_train(self, seconds: float) -> None:
+    def _log_train(self) -> None:
         """Log the mean training loss since the last log line (all ranks take part in the reduction)."""
         total = self.rt.all_reduce(self.window.reshape(1).clone(), "loss logging").item()
         steps = self.window_steps
         mean = total / self.rt.world_size / steps
         lr = self.scheduler.get_last_lr()[0]
-        rate = steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
+        timed_steps, seconds = self.timing
+        rate = timed_steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
         self.sink.print(f"epoch {self.state.epoch}  step {self.state.global_step}/{self.total_steps}  "
                         f"loss {mean:.4f}  lr {lr:.4g}  {rate:,.0f} samples/s")
         self.sink.metric({"kind": "train", "epoch": self.state.epoch, "step": self.state.global_step,
                           "loss": mean, "lr": lr, "samples_per_s": rate})
         self.window.zero_()
         self.window_steps = 0
+        self.timing = [0, 0.0]
+        self.timing = [0, 0.0]  # steps and seconds of training (not evaluation) since the last log line
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
