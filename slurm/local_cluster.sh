@@ -155,7 +155,7 @@ while :; do
                 log "ready: node $HOST is $state (partition debug, $CPUS CPUs)"
                 exit 0
                 ;;
-            down* | drain* | drained*)
+            down* | drain*)
                 # Left over from an earlier run (e.g. a killed slurmd); slurmd is up again now.
                 if ((!resumed)) && alive "$SLURMD_PID"; then
                     scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true

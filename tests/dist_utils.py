@@ -106,16 +106,19 @@ def start_ranks(args: Sequence[str], world_size: int, env: dict[str, str] | None
     return procs
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float, logs: Path | None = None) -> list[int]:
-    """Exit codes of all processes; kills them all and fails the test if the deadline passes."""
+def wait_all(procs: list[subprocess.Popen], timeout: float, logs: Path | None = None,
+             log_file: Path | None = None) -> list[int]:
+    """Exit codes of all processes; kills them all and fails the test, showing their logs (rank logs
+    under ``logs``, or one ``log_file``), if the deadline passes."""
     deadline = time.monotonic() + timeout
     try:
         return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        tail = "".join((logs / f"rank{r}.log").read_text()[-2000:] for r in range(len(procs))) if logs else ""
-        pytest.fail(f"ranks did not exit within {timeout}s (hang?)\n{tail}")
+        files = [logs / f"rank{r}.log" for r in range(len(procs))] if logs else [log_file] if log_file else []
+        tail = "".join(f.read_text()[-2000:] for f in files if f and f.exists())
+        pytest.fail(f"processes did not exit within {timeout}s (hang?)\n{tail}")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.01) -> None:

@@ -347,3 +347,12 @@ def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path: Path) -
     state, _ = mgr.load_latest()
     set_rng_state(state["rng"], _DEVICE)
     assert _draws() == expected
+
+
+def test_explicit_path_is_checked_against_its_manifest(tmp_path: Path) -> None:
+    mgr, _ = manager(tmp_path)
+    path = mgr.save(state_for(1), 1)
+    assert load_checkpoint(path)["step"] == 1
+    flip_middle(path)
+    with pytest.raises(CheckpointError, match="sha256|hash"):
+        load_checkpoint(path)

@@ -50,7 +50,8 @@ def test_two_ranks_without_syncbn_differ_from_one_process(tmp_path) -> None:
 
 def test_exact_evaluation_at_world_sizes_1_2_3(tmp_path) -> None:
     # 500 test samples: not divisible by 3, so a padded DistributedSampler would count duplicates.
-    results = {w: run_ranks(evaluate_initial, w, ["data.synthetic_test_size=500"], str(tmp_path / f"w{w}"))
+    overrides = ["data.synthetic_test_size=500", "train.batch_size=120", "eval.batch_size=96"]
+    results = {w: run_ranks(evaluate_initial, w, overrides, str(tmp_path / f"w{w}"))
                for w in (1, 2, 3)}
     reference = results[1][0]
     assert reference["test_samples"] == 500
@@ -67,3 +68,11 @@ def test_runtime_agreement_on_two_ranks() -> None:
     assert all(o["backend"] == "gloo" and o["device"] == "cpu" and o["world"] == 2 for o in out)
     assert all(o["any"] is True for o in out), "a flag set on rank 1 only must be seen by every rank"
     assert all(o["gathered"] == [0, 10] for o in out)
+
+
+def test_device_resident_loader_trains_like_dataloader(tmp_path) -> None:
+    common = [*COMMON, "train.augment=true"]
+    host = run_ranks(train_trace, 1, "cifar", [*common, "data.loader=dataloader"], str(tmp_path / "host"))[0]
+    resident = run_ranks(train_trace, 1, "cifar", [*common, "data.loader=device"], str(tmp_path / "dev"))[0]
+    for step, (a, b) in enumerate(zip(host, resident), start=1):
+        assert torch.equal(a, b), f"loaders diverge at step {step}"

@@ -146,19 +146,20 @@ def test_all_checkpoints_corrupt_is_a_clear_error_and_keeps_files(tmp_path: Path
     assert sorted((run_dir / "checkpoints").glob("step-*.pt")) == files, "nothing saved before is deleted"
 
 
+@pytest.mark.timeout(600)
 def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", *_train_args(run_dir, "checkpoint.every_steps=5", "run.deterministic=false")]
+           "-m", *_train_args(run_dir, "checkpoint.every_steps=5", "run.deterministic=false", "train.epochs=1")]
     log = (tmp_path / "torchrun.log").open("w")
     agent = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                              stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _last_step(run_dir) >= 12 or agent.poll() is not None, 240, "step 12")
+        wait_for(lambda: _last_step(run_dir) >= 12 or agent.poll() is not None, 200, "step 12")
         workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, f"expected 2 workers under torchrun, found {workers}"
         os.kill(int(workers[1]), signal.SIGKILL)
-        code = agent.wait(timeout=300)
+        code = wait_all([agent], 240, logs=None, log_file=tmp_path / "torchrun.log")[0]
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -166,9 +167,9 @@ def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path: Path) -> No
     assert code == 0, output[-4000:]
     assert "Resumed from" in output
     steps = [r["step"] for r in _records(run_dir)]
-    assert steps == list(range(1, 129)), "the restarted group redid the lost steps once and finished"
+    assert steps == list(range(1, 65)), "the restarted group redid the lost steps once and finished"
     final = CheckpointManager(run_dir / "checkpoints").load_latest()
-    assert final is not None and final[0]["train_state"]["global_step"] == 128
+    assert final is not None and final[0]["train_state"]["global_step"] == 64
 
 
 @pytest.mark.parametrize("saved_world,loaded_world", [(2, 1), (1, 2)])

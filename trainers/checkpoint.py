@@ -172,7 +172,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     try:
-        return _torch_load(path, map_location)
+        # A file inside a run's checkpoint folder is checked against that folder's manifest too.
+        entry = CheckpointManager(path.parent)._read_manifest().get(path.name) if path.is_file() else None
+        return CheckpointManager._load_verified(path, entry, map_location)
     except _Unusable as e:
         raise CheckpointError(f"Cannot load checkpoint {path}: {e}. {_FIX}") from e.__cause__
 

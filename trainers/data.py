@@ -87,6 +87,17 @@ class ArraySplit(Protocol):
     def __len__(self) -> int: ...
 
 
+class ResidentSplit:
+    """A split whose tensors live on the compute device (for the ``device`` loader): copied once per run."""
+
+    def __init__(self, split: ArraySplit, device: torch.device) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 def _batches(sampler: Sampler[int], batch_size: int, drop_last: bool) -> BatchSampler:
     return BatchSampler(sampler, batch_size, drop_last=drop_last)
 

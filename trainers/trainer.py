@@ -24,8 +24,8 @@ from launcher.runtime import Runtime, seed_everything
 from launcher.signals import Preempted, StopFlag
 from trainers.amp import Amp
 from trainers.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state, strip_prefixes
-from trainers.data import (Augment, EvalShard, Normalize, ResumableDistributedSampler, make_loader,
-                           per_rank_batch)
+from trainers.data import (Augment, EvalShard, Normalize, ResidentSplit, ResumableDistributedSampler,
+                           make_loader, per_rank_batch)
 from trainers.parallel import convert_sync_batchnorm, maybe_no_sync, unwrap, wrap_ddp
 from trainers.sinks import Sink, make_sink, truncate_metrics
 from trainers.task import Task
@@ -78,6 +78,9 @@ class Trainer:
         self.seed = cfg.run.seed
         self.train_set, self.test_set = task.load_data(cfg, rt)
         self._check_sizes()
+        if cfg.data.loader == "device":  # one copy per run, not one per epoch or evaluation
+            self.train_set, self.test_set = (ResidentSplit(self.train_set, rt.device),
+                                             ResidentSplit(self.test_set, rt.device))
         self.model = self._build_model()
         self.optimizer = torch.optim.SGD(_param_groups(self.model, cfg.train.weight_decay), lr=cfg.train.lr,
                                          momentum=cfg.train.momentum, nesterov=cfg.train.momentum > 0)
