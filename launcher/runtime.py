@@ -164,12 +164,26 @@ def configure_determinism(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def _rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
+    """The key-value store the ranks meet in, with one namespace per torchrun restart attempt.
+
+    torchrun's agent hosts one store for the whole job and keeps it across worker restarts, and
+    torch's env:// rendezvous adds no per-attempt prefix: a restarted rank can then read the previous
+    attempt's keys (gloo peer addresses of dead processes) and fail to connect. Prefixing the keys
+    with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeout: timedelta) -> Any:
-    # Every launcher ends in the same torchrun-style variables, so env:// initialisation (and any
-    # library that reads RANK/WORLD_SIZE) works the same after SLURM or submitit.
+    # Every launcher ends in the same torchrun-style variables, so any library that reads
+    # RANK/WORLD_SIZE works the same after SLURM or submitit.
     os.environ.update(env.contract())
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
+    dist.init_process_group(backend=backend, store=_rendezvous_store(env, timeout), rank=env.rank,
                             world_size=env.world_size, timeout=timeout, **kwargs)
     return dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
 

@@ -20,7 +20,7 @@ from rich.table import Table
 from launcher.config import Config, ConfigError, flatten, load_config, replace, to_dict, to_yaml
 from launcher.env import LaunchError
 from launcher.runtime import CollectiveError, Runtime, configure_determinism, distributed
-from launcher.signals import PREEMPTED_EXIT_CODE, Preempted, StopFlag
+from launcher.signals import PREEMPTED_EXIT_CODE, Preempted
 from trainers.checkpoint import CheckpointError, atomic_write_text
 from trainers.cifar_data import DatasetUnavailable
 from trainers.task import Task
@@ -83,7 +83,7 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu @ {socket.gethostname()}"
 
 
-def _train(cfg: Config, rt: Runtime, task: Task, stop: StopFlag) -> dict:
+def _train(cfg: Config, rt: Runtime, task: Task) -> dict:
     configure_determinism(cfg.run.deterministic)
     run_dir = resolve_run_dir(cfg, rt)
     cfg = replace(cfg, run={"dir": str(run_dir)})
@@ -93,7 +93,7 @@ def _train(cfg: Config, rt: Runtime, task: Task, stop: StopFlag) -> dict:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         Console(highlight=False).print(startup_table(cfg, rt, devices))
     rt.barrier("run directory")
-    summary = Trainer(cfg, rt, task, run_dir, stop).fit()
+    summary = Trainer(cfg, rt, task, run_dir).fit()
     if rt.is_main:
         print(f"done: test_acc {summary.get('test_acc', float('nan')):.4f} after {summary['global_step']} steps; "
               f"outputs in {run_dir}")
@@ -111,10 +111,9 @@ def run_task(task: Task, argv: Sequence[str] | None = None, prog: str | None = N
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    stop = StopFlag().install()
     try:
         with distributed(cfg.dist) as rt:
-            _train(cfg, rt, task, stop)
+            _train(cfg, rt, task)
         return 0
     except Preempted:
         return PREEMPTED_EXIT_CODE
@@ -124,5 +123,3 @@ def run_task(task: Task, argv: Sequence[str] | None = None, prog: str | None = N
     except CollectiveError as e:
         print(f"error: {e}", file=sys.stderr)
         return COLLECTIVE_EXIT_CODE
-    finally:
-        stop.restore()

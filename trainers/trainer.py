@@ -73,8 +73,8 @@ class Trainer:
         self.window = torch.zeros((), device=rt.device)
         self.window_steps = 0
         self.timing = [0, 0.0]  # steps and seconds of training (not evaluation) since the last log line
-        self.rank_batch = per_rank_batch(cfg.train.batch_size, rt.world_size)
-        per_rank_batch(cfg.train.batch_size, rt.world_size, cfg.train.grad_accum)  # divisibility check
+        per_rank_batch(cfg.train.batch_size, rt.world_size, cfg.train.grad_accum)  # raises if it does not divide
+        self.rank_batch = cfg.train.batch_size // rt.world_size  # split further into grad_accum micro-batches
         self.seed = cfg.run.seed
         self.train_set, self.test_set = task.load_data(cfg, rt)
         self._check_sizes()
@@ -128,6 +128,9 @@ class Trainer:
         """Train to the end (or to a stop signal, raising ``Preempted``); returns the final metrics."""
         self.resume()
         result: dict[str, Any] = {}
+        # Signals become a flag only while the loop can act on it; during start-up (imports, process
+        # group, data) they keep their default effect, so a launcher's SIGTERM ends the process at once.
+        self.stop.install()
         try:
             while not self._finished():
                 self.train_epoch(self.state.epoch)
@@ -137,6 +140,7 @@ class Trainer:
             self.save(final=True, metric=result["test_acc"])
             self._save_model()
         finally:
+            self.stop.restore()
             self.sink.close()
         return {**result, "global_step": self.state.global_step}
 
@@ -346,7 +350,9 @@ class Trainer:
         self.amp.load_state_dict(state["scaler"])
         self.state = saved
         self.seed = state["sampler_seed"]
-        self.sampler.seed = self.seed
+        self.sampler.seed = self.seed  # the saved seed fixes the rest of the sample order and augmentation
+        if self.augment is not None:
+            self.augment.seed = self.seed
         self._restore_rank(state["ranks"])
 
     def _restore_rank(self, ranks: list[dict[str, Any]]) -> None:
