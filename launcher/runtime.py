@@ -1,6 +1,6 @@
 """The process's distributed runtime: device, process group, named collectives, guaranteed teardown.
 
-    with distributed(cfg.dist, seed=cfg.run.seed) as rt:
+    with distributed(cfg.dist) as rt:
         ...  # rt.rank, rt.device, rt.is_main, rt.barrier("checkpoint")
 
 Single-process runs are the world-size-1 case of the same code: every collective is a no-op there.
@@ -132,8 +132,8 @@ def choose_device(env: DistEnv, cfg: DistConfig) -> torch.device:
         raise LaunchError("dist.device=cuda but CUDA is not available on this machine; "
                           "set dist.device=cpu (or auto) or run on a GPU node.")
     visible = torch.cuda.device_count()
-    if visible == 1 and env.launcher in ("slurm", "submitit"):
-        # srun --gpus-per-task / --gpu-bind gives each task its own single visible GPU.
+    if visible == 1 and env.launcher in ("slurm", "submitit") and os.environ.get("SLURM_GPUS_PER_TASK"):
+        # srun --gpus-per-task=1 gives each task its own single visible GPU.
         return torch.device("cuda", 0)
     check_devices(env, visible)
     return torch.device("cuda", env.local_rank)

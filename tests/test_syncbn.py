@@ -92,3 +92,23 @@ def test_conversion_keeps_parameters_and_buffers() -> None:
 def test_single_process_falls_back_to_batchnorm() -> None:
     x, _, weight, bias = _inputs(1)
     torch.testing.assert_close(_bn(GlooSyncBatchNorm(C), weight, bias)(x), _bn(nn.BatchNorm2d(C), weight, bias)(x))
+
+
+def _rank_bf16() -> torch.Tensor:
+    dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        x, _, weight, bias = _inputs(world)
+        bn = _bn(GlooSyncBatchNorm(C), weight, bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = bn(x[rank * B:(rank + 1) * B].bfloat16())  # what a conv under autocast hands it
+        assert y.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+        return y.float()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_syncbn_under_bf16_autocast_matches_fp32_batchnorm() -> None:
+    ranks = run_ranks(_rank_bf16, 2, timeout=120)
+    ref = _reference(2, 1)["y"]
+    torch.testing.assert_close(torch.cat(ranks), ref, rtol=0.05, atol=0.05)

@@ -126,9 +126,11 @@ class HostLoader:
 
     def __init__(self, dataset: Dataset, sampler: Sampler[int], batch_size: int, drop_last: bool,
                  device: torch.device, num_workers: int) -> None:
+        # A private generator: otherwise each new iterator draws its worker seed from the global
+        # torch RNG, and a resumed run (one iterator fewer) would see shifted random streams.
         self.loader = DataLoader(dataset, batch_sampler=_batches(sampler, batch_size, drop_last),
                                  num_workers=num_workers, pin_memory=device.type == "cuda",
-                                 persistent_workers=False)
+                                 generator=torch.Generator().manual_seed(0))
         self.device = device
 
     def __iter__(self) -> Iterator[Batch]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -49,6 +50,9 @@ def resolve_run_dir(cfg: Config, rt: Runtime) -> Path:
         return Path(cfg.run.dir)
     # A job id is stable across requeues and torchrun restarts, so those resume automatically.
     suffix = rt.env.job_id or time.strftime("%Y%m%d-%H%M%S")
+    if rt.env.job_id is None and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and rt.is_main:
+        print("warning: torchrun has --max-restarts but no --rdzv-id (or --standalone), so a restarted group "
+              "would pick a new run directory and start over; set run.dir or --rdzv-id.", file=sys.stderr)
     return Path(rt.broadcast_object(f"runs/{cfg.run.name}-{suffix}", "run directory"))
 
 
@@ -69,7 +73,7 @@ def startup_table(cfg: Config, rt: Runtime, devices: list[str]) -> Table:
 
 
 def _compact(devices: list[str]) -> str:
-    """'cuda:0..3 @ node1' style summary: one entry per distinct device description, in rank order."""
+    """'cuda H100 @ node1 (ranks 0-7)' style summary: one entry per distinct device description."""
     seen: dict[str, list[int]] = {}
     for rank, dev in enumerate(devices):
         seen.setdefault(dev, []).append(rank)
@@ -78,8 +82,9 @@ def _compact(devices: list[str]) -> str:
 
 
 def _describe_device(device: torch.device) -> str:
+    # Without the GPU index, so that the ranks of a node compact into one "(ranks 0-7)" entry.
     if device.type == "cuda":
-        return f"{device} {torch.cuda.get_device_name(device)} @ {socket.gethostname()}"
+        return f"cuda {torch.cuda.get_device_name(device)} @ {socket.gethostname()}"
     return f"cpu @ {socket.gethostname()}"
 
 

@@ -38,6 +38,7 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = (0, 2, 3)
+        out_dtype, x = x.dtype, x.float()  # statistics in fp32, as BatchNorm does under autocast
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = torch.cat([count, x.sum(dims)])
         stats = _global_sum(stats)
@@ -48,7 +49,7 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+        return y.to(out_dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:

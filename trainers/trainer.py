@@ -38,7 +38,6 @@ class TrainState:
     epoch: int = 0  # current epoch, 0-based
     step_in_epoch: int = 0  # optimizer steps done inside ``epoch``
     global_step: int = 0  # optimizer steps done in total
-    best_acc: float = -1.0
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -163,7 +162,8 @@ class Trainer:
                             f"  ({result['test_samples']} samples)")
             self.sink.metric({"kind": "eval", "epoch": epoch, "step": self.state.global_step, **result})
         every = self.cfg.checkpoint.every_epochs
-        if every and (epoch + 1) % every == 0 and not last:  # the last one is the final checkpoint
+        due = (every and (epoch + 1) % every == 0) or self._step_save_due()
+        if due and not last:  # the last one is the final checkpoint
             self.save(metric=result.get("test_acc"))
         return result
 
@@ -199,13 +199,20 @@ class Trainer:
 
     def _after_step(self) -> None:
         """Step-boundary duties: periodic checkpoints and the agreed stop on a signal."""
-        every = self.cfg.checkpoint.every_steps
-        stop = self.rt.any(self.stop.requested, "preemption check")
-        if (every and self.state.global_step % every == 0) or stop:
+        # At the last step a stop is moot: the run finishes and writes its final checkpoint anyway.
+        stop = self.rt.any(self.stop.requested, "preemption check") and not self._done()
+        # A periodic save that falls on an epoch's last step waits for _end_of_epoch, so that the
+        # checkpoint comes after that epoch's evaluation (a resume must not evaluate it twice).
+        mid_epoch = self.state.step_in_epoch < self.steps_per_epoch
+        if stop or (mid_epoch and self._step_save_due()):
             self.save()
         if stop:
             self.sink.print(f"Stop signal received: checkpoint written at step {self.state.global_step}; exiting.")
             raise Preempted(self.state.global_step)
+
+    def _step_save_due(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return bool(every) and self.state.global_step % every == 0
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """One optimizer step on this rank's share of a global batch; returns the loss (detached)."""
@@ -244,7 +251,6 @@ class Trainer:
         self.window.zero_()
         self.window_steps = 0
         self.timing = [0, 0.0]
-        self.timing = [0, 0.0]  # steps and seconds of training (not evaluation) since the last log line
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -305,8 +311,6 @@ class Trainer:
         ranks = self.rt.gather_objects(self._rank_state(), "checkpoint")
         if self.rt.is_main:
             path = self.ckpt.save(self._checkpoint_state(ranks), self.state.global_step, metric)
-            if metric is not None:
-                self.state.best_acc = max(self.state.best_acc, metric)
             self.sink.print(f"checkpoint {path.name}" + (" (final)" if final else ""))
         self.rt.barrier("checkpoint")
 
