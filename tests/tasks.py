@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from launcher.config import Config, load_config
-from launcher.runtime import Runtime, distributed
+from launcher.runtime import distributed
 from trainers.cifar import CifarTask
 from trainers.parallel import unwrap
 from trainers.trainer import Trainer
@@ -79,7 +79,6 @@ def runtime_identity() -> dict[str, Any]:
     """Rank function: who the runtime thinks this process is."""
     cfg = debug_config([])
     with distributed(cfg.dist) as rt:
-        rt: Runtime
         return {"rank": rt.rank, "world": rt.world_size, "backend": rt.backend, "device": str(rt.device),
                 "any": rt.any(rt.rank == 1, "test"), "gathered": rt.gather_objects(rt.rank * 10, "test")}
 

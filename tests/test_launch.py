@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import PYTHON, REPO, run_command, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, run_command, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG
 
 BIN = Path(PYTHON).parent

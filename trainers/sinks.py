@@ -1,4 +1,4 @@
-"""Rank-0 outputs: console lines or a progress bar, and the metrics file. Other ranks get a null sink.
+"""Rank-0 outputs: console lines or a progress bar, and the metrics file. Other ranks get a silent one.
 
 The sink never calls a collective: whatever it shows was reduced before, on every rank.
 """
@@ -9,14 +9,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
-class Sink(Protocol):
-    """Where a run reports: ``print`` for humans, ``metric`` for the metrics file, a per-epoch bar."""
+class Sink:
+    """Where a run reports: ``print`` for humans, ``metric`` for the metrics file, a per-epoch bar.
+
+    This base reports nothing: it is what ranks other than 0 get; ``MainSink`` is rank 0's.
+    """
 
     def print(self, *objects: Any) -> None: ...
     def metric(self, record: dict[str, Any]) -> None: ...
@@ -26,18 +29,7 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class NullSink:
-    """What ranks other than 0 report to: nothing."""
-
-    def print(self, *objects: Any) -> None: ...
-    def metric(self, record: dict[str, Any]) -> None: ...
-    def epoch_start(self, epoch: int, steps: int, done: int) -> None: ...
-    def advance(self, step_in_epoch: int) -> None: ...
-    def epoch_end(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class MainSink:
+class MainSink(Sink):
     """Rank 0's console and ``metrics.jsonl`` (one JSON object per line, appended and flushed)."""
 
     def __init__(self, metrics_path: Path | None, progress: str = "auto") -> None:
@@ -88,7 +80,7 @@ class MainSink:
 def make_sink(is_main: bool, run_dir: Path, progress: str) -> Sink:
     """The rank's sink: the real one on rank 0, a null one elsewhere."""
     if not is_main:
-        return NullSink()
+        return Sink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return MainSink(run_dir / "metrics.jsonl", progress)
 
