@@ -16,7 +16,7 @@ import time
 import torch
 
 from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
-from trainers.data import Augment, Normalize, ResidentSplit, ResumableDistributedSampler, make_loader
+from trainers.core.data import Augment, Normalize, ResidentSplit, ResumableDistributedSampler, make_loader
 
 
 def epoch_seconds(kind: str, split, device: torch.device, batch: int, workers: int) -> float:

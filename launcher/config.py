@@ -1,27 +1,48 @@
 """Typed run configuration: a schema of dataclasses, YAML files, and ``key=value`` overrides.
 
-Merging and type checking are OmegaConf's (structured configs); this module adds what it lacks:
-errors that name the closest valid key, cross-field checks, and a frozen, plain-Python result.
+The common base (``Config``) holds what every task shares: data loading, model wrapping, training,
+optimizer, schedule, evaluation, distribution, checkpoints and the run itself. A task extends it by
+subclassing sections and the root (``class MyData(DataConfig): root: str = setting(...)``), so it
+adds keys without touching this module. Each leaf is declared with ``setting()``: its default, one
+line of documentation and its validation (choices, ranges, a custom check) sit beside the field.
 
-    cfg = load_config("configs/cifar_debug.yaml", ["train.epochs=3", "data.synthetic=true"])
+    cfg = load_config("configs/cifar_debug.yaml", ["train.epochs=3"], schema=CifarConfig)
+
+Merging and type checking are OmegaConf's (structured configs); this module adds what it lacks:
+errors that name the closest valid key, renamed-key messages, per-field validation, and a frozen,
+plain-Python result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Sequence, get_type_hints
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from launcher.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
+
+
+def setting(default: Any, doc: str, *, choices: Sequence[Any] | None = None, gt: float | None = None,
+            ge: float | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+    """A config leaf: default, one line of documentation, and its validation beside it.
+
+    ``choices``: allowed values; ``gt`` / ``ge``: lower bounds (NaN is always rejected);
+    ``check``: a function returning an error message for a bad value, or None.
+    """
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "gt": gt, "ge": ge, "check": check}
+    return field(default=default, metadata=meta)
 
 
 class Precision(str, Enum):
@@ -32,113 +53,177 @@ class Precision(str, Enum):
     fp16 = "fp16"  # autocast to float16 with a GradScaler
 
 
+def _existing_checkpoint(value: str) -> str | None:
+    if value in ("auto", "never") or Path(value).exists():
+        return None
+    return "is neither 'auto', 'never' nor an existing checkpoint file; give one of these"
+
+
+def _existing_file_or_empty(value: str) -> str | None:
+    return None if not value or Path(value).is_file() else "is not an existing file; give the path of a model.pt, " \
+        "a checkpoint or a state_dict file (or leave it empty)"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data"  #: folder that holds (or will receive) ``cifar-10-batches-py``
-    synthetic: bool = False  #: use a generated, learnable CIFAR-shaped dataset instead of the real one
-    synthetic_fallback: bool = False  #: if the real dataset cannot be read or downloaded, use synthetic data
-    download: bool = True  #: download the real dataset when it is missing
-    synthetic_train_size: int = 50_000
-    synthetic_test_size: int = 10_000
-    loader: str = "dataloader"  #: "dataloader" (torch DataLoader) or "device" (whole split resident on the device)
-    num_workers: int = 2  #: DataLoader worker processes per rank (dataloader loader only)
+    """How batches are loaded; a task adds where its data lives."""
+
+    loader: str = setting("dataloader", "`dataloader` (torch DataLoader, any Dataset) or `device` (in-memory "
+                          "tensor splits resident on the device; same batches)", choices=("dataloader", "device"))
+    num_workers: int = setting(2, "DataLoader worker processes per rank (0: load in the main process)", ge=0)
+    pin_memory: bool = setting(True, "page-locked host batches for faster copies to a GPU (ignored on CPU)")
+    persistent_workers: bool = setting(True, "keep DataLoader workers alive between epochs")
+    prefetch_factor: int = setting(2, "batches each worker loads ahead", gt=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "resnet18"  #: "resnet18" (CIFAR variant) or "tiny" (a small CNN for tests and demos)
-    width: int = 64  #: channels of the first stage
-    sync_bn: bool = False  #: BatchNorm statistics over the global batch instead of each rank's share
-    channels_last: bool = False  #: NHWC memory format (faster convolutions on recent GPUs)
+    """How the task's model is prepared; a task adds which model to build."""
+
+    sync_bn: bool = setting(False, "BatchNorm statistics over the global batch (torch SyncBatchNorm on GPUs, a "
+                            "gloo implementation on CPU)")
+    channels_last: bool = setting(False, "NHWC memory format for the model and 4-D inputs (faster convolutions "
+                                  "on recent GPUs)")
+    init_from: str = setting("", "start from these weights: a `model.pt`, a checkpoint of this toolkit or a plain "
+                             "state_dict; matching keys load, the rest is reported", check=_existing_file_or_empty)
+    freeze: str = setting("", "comma-separated parameter name prefixes to freeze, e.g. `conv1,layer1`")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 512  #: global batch: samples per optimizer step summed over all ranks
-    lr: float = 0.2  #: peak learning rate (SGD with Nesterov momentum)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 1.0  #: linear warm-up, then cosine decay to zero
-    precision: Precision = Precision.fp32
-    grad_accum: int = 1  #: micro-steps per optimizer step; each rank's batch is split this many ways
-    grad_clip: float = 0.0  #: max global gradient norm; 0 disables clipping
-    max_steps: int = 0  #: stop after this many optimizer steps (0: run all epochs)
-    augment: bool = True  #: random crop (pad 4) and horizontal flip
+    epochs: int = setting(30, "epochs", gt=0)
+    batch_size: int = setting(512, "**global** batch: samples per optimizer step over all ranks; each rank gets "
+                              "`batch_size / world_size`", gt=0)
+    precision: Precision = setting(Precision.fp32, "`fp32`, `bf16` (autocast, no scaler; works on CPU) or `fp16` "
+                                   "(autocast + GradScaler)")
+    grad_accum: int = setting(1, "micro-steps per optimizer step; DDP syncs gradients only on the last", gt=0)
+    grad_clip: float = setting(0.0, "max global gradient norm (unscaled first under fp16); 0 disables", ge=0)
+    max_steps: int = setting(0, "stop after this many optimizer steps (0: all epochs)", ge=0)
+    label_smoothing: float = setting(0.0, "label smoothing of the default cross-entropy loss", ge=0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = setting("sgd", "`sgd` (momentum, Nesterov), `adamw` or `adam`", choices=("sgd", "adamw", "adam"))
+    lr: float = setting(0.1, "peak learning rate", ge=0)
+    momentum: float = setting(0.9, "SGD momentum", ge=0)
+    nesterov: bool = setting(True, "Nesterov momentum (SGD)")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam/AdamW betas, e.g. `[0.9,0.95]`")
+    eps: float = setting(1e-8, "Adam/AdamW epsilon", gt=0)
+    weight_decay: float = setting(5e-4, "weight decay; never applied to norm-layer weights and biases", ge=0)
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: str = setting("cosine", "`cosine` (to `final_lr`), `onecycle` (torch OneCycleLR), `step` (x`gamma` every "
+                        "`step_epochs`) or `constant`", choices=("cosine", "onecycle", "step", "constant"))
+    warmup_epochs: float = setting(1.0, "linear warm-up from ~0 to the peak (for `onecycle`: its rising phase)", ge=0)
+    final_lr: float = setting(0.0, "`cosine`: learning rate at the end, as a fraction of the peak", ge=0)
+    step_epochs: float = setting(30.0, "`step`: epochs between decays", gt=0)
+    gamma: float = setting(0.1, "`step`: decay factor", gt=0)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 1024  #: global evaluation batch
-    every_epochs: int = 1  #: evaluate every N epochs (and always after the last)
+    batch_size: int = setting(1024, "global evaluation batch", gt=0)
+    every_epochs: int = setting(1, "evaluate every N epochs (and always after the last)", gt=0)
 
 
 @dataclass(frozen=True)
 class DistConfig:
-    backend: str = "auto"  #: "auto" (nccl with CUDA, else gloo), "nccl" or "gloo"
-    device: str = "auto"  #: "auto" (cuda:LOCAL_RANK if CUDA is available, else cpu), "cuda" or "cpu"
-    timeout_s: float = 600.0  #: collective timeout: a rank that stops answering fails the job after this
+    backend: str = setting("auto", "`auto` (nccl with CUDA, else gloo), `nccl` or `gloo`",
+                           choices=("auto", "nccl", "gloo"))
+    device: str = setting("auto", "`auto` (cuda:LOCAL_RANK when CUDA is available, else cpu), `cuda` or `cpu`",
+                          choices=("auto", "cuda", "cpu"))
+    timeout_s: float = setting(600.0, "collective timeout: a rank that stops answering fails the job after this, "
+                               "naming the phase", ge=0)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_epochs: int = 1  #: save at the end of every N epochs (0: never)
-    every_steps: int = 0  #: also save every N optimizer steps (0: never)
-    keep_last: int = 3  #: newest checkpoints kept on disk (the best one is kept in addition)
-    keep_best: bool = True  #: keep the checkpoint with the best test accuracy
-    resume: str = "auto"  #: "auto" (newest valid checkpoint in run.dir), "never", or a checkpoint path
+    every_epochs: int = setting(1, "save at the end of every N epochs (0: never)", ge=0)
+    every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0)
+    keep_last: int = setting(3, "newest checkpoints kept on disk", gt=0)
+    keep_best: bool = setting(True, "also keep the checkpoint with the best `best_metric`")
+    best_metric: str = setting("test_acc", "evaluation metric that ranks checkpoints for `keep_best`")
+    best_mode: str = setting("max", "`max` or `min`: which direction of `best_metric` is better",
+                             choices=("max", "min"))
+    resume: str = setting("auto", "`auto` (newest valid checkpoint in `run.dir`), `never`, or a checkpoint path",
+                          check=_existing_checkpoint)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = ""  #: run directory; empty: runs/<name>-<job id or timestamp>
-    name: str = "cifar"
-    seed: int = 0
-    deterministic: bool = False  #: deterministic kernels (slower; bit-exact resume on CPU)
-    log_every: int = 50  #: optimizer steps between training-loss lines
-    progress: str = "auto"  #: "auto" (a bar on a terminal, plain lines otherwise), "bar", "lines", "quiet"
+    dir: str = setting("", "run directory; empty: `runs/<name>-<job id>` (SLURM job id or torchrun run id) or "
+                       "`runs/<name>-<time>`")
+    name: str = setting("", "name used for the default run directory (empty: the task's name)")
+    seed: int = setting(0, "seed of the model initialisation, the sample order and random transforms", ge=0)
+    deterministic: bool = setting(False, "deterministic kernels (slower; with fp32 on CPU, resume is bit-exact)")
+    log_every: int = setting(50, "optimizer steps between training-loss lines", gt=0)
+    progress: str = setting("auto", "`auto` (a bar on a terminal, plain lines otherwise), `bar`, `lines`, `quiet`",
+                            choices=("auto", "bar", "lines", "quiet"))
 
 
 @dataclass(frozen=True)
 class Config:
+    """The sections every task has; a task subclasses sections and this root to add its own keys."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# Values that are free strings in the schema but drawn from a small set.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.loader": ("dataloader", "device"),
-    "model.name": ("resnet18", "tiny"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "dist.device": ("auto", "cuda", "cpu"),
-    "run.progress": ("auto", "bar", "lines", "quiet"),
+C = TypeVar("C", bound=Config)
+
+#: Keys that moved; using the old name is an error that names the new one.
+RENAMED = {
+    "train.lr": "optim.lr",
+    "train.momentum": "optim.momentum",
+    "train.weight_decay": "optim.weight_decay",
+    "train.warmup_epochs": "sched.warmup_epochs",
 }
-_POSITIVE = ("train.epochs", "train.batch_size", "train.grad_accum", "eval.batch_size", "eval.every_epochs",
-             "data.synthetic_train_size", "data.synthetic_test_size", "run.log_every", "checkpoint.keep_last")
-_NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.grad_clip", "train.max_steps", "train.warmup_epochs",
-                 "data.num_workers", "dist.timeout_s", "checkpoint.every_epochs", "checkpoint.every_steps")
 
 
-def schema_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of the schema, e.g. ``train.batch_size``."""
-    keys: list[str] = []
-    for name, hint in get_type_hints(cls).items():
+# ----------------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One settable key of a schema, with its documentation and validation."""
+
+    key: str
+    type: Any
+    default: Any
+    doc: str
+    meta: dict[str, Any]
+
+
+def leaves(schema: type = Config, prefix: str = "") -> Iterator[Leaf]:
+    """Every leaf of ``schema`` in declaration order, e.g. ``Leaf("train.batch_size", int, 512, ...)``."""
+    hints = get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            keys += schema_keys(hint, f"{prefix}{name}.")
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
+            yield from leaves(hint, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        yield Leaf(f"{prefix}{f.name}", hint, default, f.metadata.get("doc", ""), dict(f.metadata))
 
 
-def _closest(key: str) -> str:
+def schema_keys(schema: type = Config) -> list[str]:
+    """Every dotted leaf key of the schema, e.g. ``train.batch_size``."""
+    return [leaf.key for leaf in leaves(schema)]
+
+
+def _closest(key: str, schema: type) -> str:
     """A hint naming the valid key closest to ``key`` (or the list of sections)."""
-    keys = schema_keys()
+    keys = schema_keys(schema)
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not match:  # a right leaf under a wrong section: "training.epochs" -> "train.epochs"
         leaf = key.rsplit(".", 1)[-1]
@@ -147,45 +232,56 @@ def _closest(key: str) -> str:
     return f"did you mean '{match[0]}'?" if match else "valid sections: " + ", ".join(sorted({k.split('.')[0] for k in keys}))
 
 
-def _check_keys(layer: Any, source: str) -> None:
+def _unknown(key: str, source: str, schema: type) -> ConfigError:
+    if key in RENAMED:
+        new = RENAMED[key]
+        return ConfigError(f"'{key}' (from {source}) was renamed to '{new}'; write {new}=... on the command line, or "
+                           f"put it under '{new.split('.')[0]}:' in the YAML file.")
+    return ConfigError(f"Unknown configuration key '{key}' (from {source}): {_closest(key, schema)} "
+                       "Every key is listed by --help and in the README under 'Configuration'.")
+
+
+def _check_keys(layer: Any, source: str, schema: type) -> None:
     """Reject unknown keys by their full dotted name (OmegaConf reports only the first unknown level)."""
-    known = set(schema_keys())
+    known = set(schema_keys(schema))
     for key, _ in flatten(OmegaConf.to_container(layer)):  # type: ignore[arg-type]
         if key not in known:
-            raise ConfigError(f"Unknown configuration key '{key}' (from {source}): {_closest(key)} "
-                              "Every key is listed in the README under 'Configuration'.")
+            raise _unknown(key, source, schema)
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(err: OmegaConfBaseException, source: str, schema: type) -> ConfigError:
     key = getattr(err, "full_key", "") or ""
     if isinstance(err, ConfigKeyError):
-        return ConfigError(f"Unknown configuration key '{key}' (from {source}): {_closest(key)} "
-                           "Every key is listed in the README under 'Configuration'.")
+        return _unknown(key, source, schema)
     if isinstance(err, ValidationError):
         detail = str(err).splitlines()[0]
         return ConfigError(f"Invalid value for '{key}' (from {source}): {detail}. "
-                           f"Give a value of the type of the default, e.g. {key}={_default_of(key)}.")
+                           f"Give a value of the type of the default, e.g. {key}={_default_of(key, schema)}.")
     return ConfigError(f"Invalid configuration (from {source}): {err}")
 
 
-def _default_of(key: str) -> Any:
-    node: Any = Config()
-    for part in key.split("."):
-        node = getattr(node, part, None)
-    if isinstance(node, bool):
-        return str(node).lower()  # YAML spelling, as it would be typed on the command line
-    return node.value if isinstance(node, Enum) else node
+def _yaml_scalar(value: Any) -> Any:
+    if isinstance(value, bool):
+        return str(value).lower()  # YAML spelling, as it would be typed on the command line
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return value.value if isinstance(value, Enum) else value
+
+
+def _default_of(key: str, schema: type) -> Any:
+    found = [leaf.default for leaf in leaves(schema) if leaf.key == key]
+    return _yaml_scalar(found[0]) if found else "..."
 
 
 def _parse_overrides(overrides: Sequence[str]) -> Any:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"Override '{item}' is not of the form key=value; write for example train.epochs=3.")
-    # Values are parsed as YAML scalars (true, 3, 1e-3, null), like the files.
+    # Values are parsed as YAML scalars (true, 3, 1e-3, null, [0.9,0.95]), like the files.
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def _load_file(path: Path) -> Any:
+def _load_file(path: Path, schema: type) -> Any:
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist; pass an existing file with --config "
                           "(the shipped ones are in configs/).")
@@ -200,61 +296,76 @@ def _load_file(path: Path) -> Any:
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as e:  # e.g. a YAML date, which no key of the schema can hold
-        raise _explain(e, str(path)) from None
+        raise _explain(e, str(path), schema) from None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Merge schema defaults, an optional YAML file and dotted overrides into a validated ``Config``."""
-    merged = OmegaConf.structured(Config)
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[C] = Config) -> C:  # type: ignore[assignment]
+    """Merge ``schema``'s defaults, an optional YAML file and dotted overrides into a validated config."""
+    merged = OmegaConf.structured(schema)
     layers: list[tuple[Any, str]] = []
     if path is not None:
-        layers.append((_load_file(Path(path)), str(path)))
+        layers.append((_load_file(Path(path), schema), str(path)))
     if overrides:
         layers.append((_parse_overrides(overrides), "the command line"))
     for layer, source in layers:
-        _check_keys(layer, source)
+        _check_keys(layer, source, schema)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
-            raise _explain(e, source) from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+            raise _explain(e, source, schema) from None
+    cfg: C = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
 
 
-def _get(cfg: Config, key: str) -> Any:
-    section, leaf = key.split(".")
-    return getattr(getattr(cfg, section), leaf)
+def get(cfg: Any, key: str) -> Any:
+    """The value at a dotted key, e.g. ``get(cfg, "train.batch_size")``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _leaf_problem(leaf: Leaf, value: Any) -> str | None:
+    meta = leaf.meta
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number, got nan"
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"is '{value}', which is not one of {', '.join(map(str, meta['choices']))}"
+    # Written as "not (x > bound)" so that NaN, which compares false with everything, is rejected too.
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        return f"must be greater than {meta['gt']:g}, got {value}"
+    if meta.get("ge") is not None and not value >= meta["ge"]:
+        return f"must not be below {meta['ge']:g}, got {value}"
+    return meta["check"](value) if meta.get("check") else None
 
 
 def validate(cfg: Config) -> None:
-    """Checks the schema's types cannot express: choices, ranges and cross-field rules."""
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"'{key}' is '{_get(cfg, key)}', which is not one of {', '.join(choices)}; "
-                              f"set {key}={choices[0]} or another of these.")
-    # Written as "not (x > 0)" so that NaN, which compares false with everything, is rejected too.
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"'{key}' must be positive, got {_get(cfg, key)}.")
-    for key in _NON_NEGATIVE:
-        if not _get(cfg, key) >= 0:
-            raise ConfigError(f"'{key}' must not be negative, got {_get(cfg, key)}.")
-    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"checkpoint.resume='{cfg.checkpoint.resume}' is neither 'auto', 'never' nor an existing "
-                          "checkpoint file; give one of these.")
+    """Run every field's own validation (choices, ranges, checks); raise ConfigError on the first failure."""
+    for leaf in leaves(type(cfg)):
+        value = get(cfg, leaf.key)
+        problem = _leaf_problem(leaf, value)
+        if problem:
+            example = leaf.meta["choices"][0] if leaf.meta.get("choices") else _yaml_scalar(leaf.default)
+            raise ConfigError(f"'{leaf.key}' {problem}; set for example {leaf.key}={example}.")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of builtins (enums as their values), for YAML, JSON and checkpoints."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+    return _plain(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+
+
+def _plain(value: Any) -> Any:
+    # Tuples (e.g. optim.betas) become lists: what YAML and JSON hold, and what a file gives back.
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+def replace(cfg: C, **sections: dict[str, Any]) -> C:
     """A copy of ``cfg`` with some leaves changed, e.g. ``replace(cfg, run={"dir": "x"})``."""
     return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **vals)
                                        for name, vals in sections.items()})

@@ -17,11 +17,14 @@ Precedence, first match wins:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hostlist
+
+from launcher.errors import UserError
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -54,7 +57,7 @@ _SLURM_HINT = (
 )
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """Inconsistent or unusable launch environment; the message says what to change."""
 
 
@@ -85,6 +88,12 @@ class DistEnv:
     master_addr: str
     master_port: int
     job_id: str | None = None
+    # Facts about the launching agent that the runtime needs (read here: the only module that reads
+    # the environment).
+    restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: which torchrun restart attempt this is
+    max_restarts: int = 0  # TORCHELASTIC_MAX_RESTARTS
+    agent_store: bool = False  # TORCHELASTIC_USE_AGENT_STORE: torchrun's agent hosts the rendezvous store
+    gpus_per_task: bool = False  # SLURM_GPUS_PER_TASK: srun binds each task to its own GPU(s)
 
     @property
     def is_distributed(self) -> bool:
@@ -97,16 +106,22 @@ class DistEnv:
         return self.rank == 0
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> DistEnv:
-        """Resolve the identity of this process from ``environ`` (e.g. ``os.environ``).
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        """Resolve the identity of this process from ``environ`` (default: this process's environment).
 
         Raises :class:`LaunchError` when the variables are malformed or contradict each other.
         """
+        environ = os.environ if environ is None else environ
         if _has_torchrun(environ):
-            return _from_torchrun(environ)
-        if _has_slurm(environ):
-            return _from_slurm(environ)
-        return _single(environ)
+            env = _from_torchrun(environ)
+        elif _has_slurm(environ):
+            env = _from_slurm(environ)
+        else:
+            env = _single(environ)
+        return replace(env, restart_count=_opt_int(environ, "TORCHELASTIC_RESTART_COUNT") or 0,
+                       max_restarts=_opt_int(environ, "TORCHELASTIC_MAX_RESTARTS") or 0,
+                       agent_store=_get(environ, "TORCHELASTIC_USE_AGENT_STORE") == "True",
+                       gpus_per_task=_get(environ, "SLURM_GPUS_PER_TASK") is not None)
 
     def contract(self) -> dict[str, str]:
         """Torchrun-style variables describing this process, ready for ``os.environ.update``.

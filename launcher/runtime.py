@@ -132,7 +132,7 @@ def choose_device(env: DistEnv, cfg: DistConfig) -> torch.device:
         raise LaunchError("dist.device=cuda but CUDA is not available on this machine; "
                           "set dist.device=cpu (or auto) or run on a GPU node.")
     visible = torch.cuda.device_count()
-    if visible == 1 and env.launcher in ("slurm", "submitit") and os.environ.get("SLURM_GPUS_PER_TASK"):
+    if visible == 1 and env.launcher in ("slurm", "submitit") and env.gpus_per_task:
         # srun --gpus-per-task=1 gives each task its own single visible GPU.
         return torch.device("cuda", 0)
     check_devices(env, visible)
@@ -172,10 +172,9 @@ def _rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
     attempt's keys (gloo peer addresses of dead processes) and fail to connect. Prefixing the keys
     with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
     """
-    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                          is_master=env.rank == 0 and not agent_hosts, timeout=timeout, multi_tenant=True)
-    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"attempt-{env.restart_count}", store)
 
 
 def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeout: timedelta) -> Any:
@@ -191,7 +190,7 @@ def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeou
 @contextmanager
 def distributed(cfg: DistConfig, environ: Mapping[str, str] | None = None) -> Iterator[Runtime]:
     """Resolve the launch, bind the device, start the process group; always tear it down."""
-    env = DistEnv.from_environ(os.environ if environ is None else environ)
+    env = DistEnv.from_environ(environ)
     device = choose_device(env, cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group, so NCCL never touches GPU 0 by mistake

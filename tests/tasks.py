@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from launcher.config import Config, load_config
+from launcher.config import load_config
 from launcher.runtime import distributed
-from trainers.cifar import CifarTask
-from trainers.parallel import unwrap
-from trainers.trainer import Trainer
+from trainers.cifar import CifarConfig, CifarTask
+from trainers.core.parallel import unwrap
+from trainers.core.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
@@ -22,8 +22,8 @@ DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 class NoNormTask(CifarTask):
     """CIFAR (synthetic) with a CNN without BatchNorm: its gradient does not depend on how a batch is split."""
 
-    def build_model(self, cfg: Config) -> nn.Module:
-        w = cfg.model.width
+    def build_model(self) -> nn.Module:
+        w = self.cfg.model.width
         return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
                              nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                              nn.Flatten(), nn.Linear(w, 10))
@@ -47,8 +47,8 @@ class TracingTrainer(Trainer):
         self.trace.append(flat_params(unwrap(self.model)))
 
 
-def debug_config(overrides: list[str]) -> Config:
-    return load_config(DEBUG_CONFIG, ["run.progress=quiet", "checkpoint.resume=never", *overrides])
+def debug_config(overrides: list[str]) -> CifarConfig:
+    return load_config(DEBUG_CONFIG, ["run.progress=quiet", "checkpoint.resume=never", *overrides], schema=CifarConfig)
 
 
 def train_trace(task: str, overrides: list[str], run_dir: str) -> list[torch.Tensor]:
@@ -59,7 +59,7 @@ def train_trace(task: str, overrides: list[str], run_dir: str) -> list[torch.Ten
         if rt.is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
         rt.barrier("test set-up")
-        trainer = TracingTrainer(cfg, rt, TASKS[task](), Path(run_dir))
+        trainer = TracingTrainer(TASKS[task](cfg), rt, Path(run_dir))
         trainer.fit()
         return trainer.trace
 
@@ -69,7 +69,7 @@ def evaluate_initial(overrides: list[str], run_dir: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     cfg = debug_config([f"run.dir={run_dir}", *overrides])
     with distributed(cfg.dist) as rt:
-        trainer = Trainer(cfg, rt, CifarTask(), Path(run_dir))
+        trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
         result = trainer.evaluate()
         trainer.sink.close()
         return {**result, "rank": rt.rank, "world": int(os.environ["WORLD_SIZE"])}
@@ -86,9 +86,10 @@ def runtime_identity() -> dict[str, Any]:
 def evaluate_checkpoint(checkpoint: str, run_dir: str) -> dict[str, Any]:
     """Rank function: load ``checkpoint`` (explicit path) and evaluate it exactly."""
     torch.set_num_threads(1)
-    cfg = load_config(DEBUG_CONFIG, ["run.progress=quiet", f"run.dir={run_dir}", f"checkpoint.resume={checkpoint}"])
+    cfg = load_config(DEBUG_CONFIG, ["run.progress=quiet", f"run.dir={run_dir}", f"checkpoint.resume={checkpoint}"],
+                      schema=CifarConfig)
     with distributed(cfg.dist) as rt:
-        trainer = Trainer(cfg, rt, CifarTask(), Path(run_dir))
+        trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
         trainer.resume()
         result = trainer.evaluate()
         trainer.sink.close()

@@ -9,7 +9,7 @@ import torch.nn as nn
 from launcher.config import Precision
 from tests.dist_utils import run_ranks
 from tests.tasks import train_trace
-from trainers.amp import Amp
+from trainers.core.amp import Amp
 
 CPU = torch.device("cpu")
 

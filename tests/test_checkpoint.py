@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.checkpoint import (
+from trainers.core.checkpoint import (
     CheckpointError,
     CheckpointManager,
     atomic_write_text,
@@ -202,7 +202,7 @@ def test_no_checkpoints_means_fresh_run(tmp_path: Path) -> None:
 
 _CHILD = """
 import sys, torch
-from trainers.checkpoint import CheckpointManager
+from trainers.core.checkpoint import CheckpointManager
 mgr = CheckpointManager(sys.argv[1], log=lambda line: None)
 big = {"big": torch.ones(50_000_000)}  # 200 MB: the save takes long enough to be caught mid-write
 step = 2

@@ -42,14 +42,14 @@ def test_constants_describe_cifar10() -> None:
     assert all(0.4 < m < 0.5 for m in CIFAR10_MEAN) and all(0.2 < s < 0.3 for s in CIFAR10_STD)
 
 
-def test_array_dataset_items_carry_their_index() -> None:
+def test_array_dataset_items_and_batches() -> None:
     images = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).reshape(4, 3, 2, 2)
     ds = ArrayDataset(images=images, labels=torch.tensor([3, 1, 4, 1]))
-    image, label, index = ds[2]
+    image, label = ds[2]
     assert len(ds) == 4
-    assert torch.equal(image, images[2]) and label == 4 and index == 2
-    assert isinstance(label, int)
-    assert ds[-1][2] == 3  # negative indices map to the stable positive key
+    assert torch.equal(image, images[2]) and int(label) == 4
+    batch_images, batch_labels = ds.gather(torch.tensor([3, 0]))
+    assert torch.equal(batch_images, images[[3, 0]]) and batch_labels.tolist() == [1, 3]
 
 
 def test_array_dataset_rejects_wrong_dtypes_and_lengths() -> None:

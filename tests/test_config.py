@@ -9,16 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import (
-    Config,
-    ConfigError,
-    Precision,
-    load_config,
-    replace,
-    schema_keys,
-    to_dict,
-    to_yaml,
-)
+from launcher import config as base
+from launcher.config import ConfigError, Precision, replace, to_dict, to_yaml
+from trainers.cifar import CifarConfig as Config
+
+
+def load_config(path=None, overrides=()):
+    """The CIFAR task's schema: the base sections plus the task's own keys."""
+    return base.load_config(path, overrides, schema=Config)
+
+
+def schema_keys():
+    return base.schema_keys(Config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,9 +47,10 @@ def test_defaults_load_and_match_schema_defaults():
 
 def test_yaml_file_and_overrides_merge_with_overrides_winning(tmp_path):
     path = write_yaml(tmp_path, """
+        optim:
+          lr: 0.05
         train:
           epochs: 7
-          lr: 0.05
         model:
           sync_bn: true
         run:
@@ -55,7 +58,7 @@ def test_yaml_file_and_overrides_merge_with_overrides_winning(tmp_path):
     """)
     cfg = load_config(path, ["train.epochs=3", "run.seed=11"])
     assert cfg.train.epochs == 3  # override beats file
-    assert cfg.train.lr == 0.05  # file beats default
+    assert cfg.optim.lr == 0.05  # file beats default
     assert cfg.model.sync_bn is True
     assert cfg.run.name == "from-file"
     assert cfg.run.seed == 11  # override of a key the file does not mention
@@ -77,26 +80,26 @@ def test_shipped_debug_config_loads():
 
 def test_file_floats_in_exponent_form_are_floats(tmp_path):
     # PyYAML reads "1e-3" as a string; the schema must still turn it into a float.
-    path = write_yaml(tmp_path, "train:\n  lr: 1e-3\n")
+    path = write_yaml(tmp_path, "optim:\n  lr: 1e-3\n")
     cfg = load_config(path)
-    assert isinstance(cfg.train.lr, float)
-    assert cfg.train.lr == pytest.approx(1e-3)
+    assert isinstance(cfg.optim.lr, float)
+    assert cfg.optim.lr == pytest.approx(1e-3)
 
 
 # --------------------------------------------------------------------------- override parsing
 
 
 def test_override_values_are_parsed_as_yaml_scalars():
-    cfg = load_config(None, ["train.lr=1e-3", "data.synthetic=true", "train.precision=bf16", "run.seed=42"])
-    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-3)
+    cfg = load_config(None, ["optim.lr=1e-3", "data.synthetic=true", "train.precision=bf16", "run.seed=42"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.data.synthetic is True
     assert cfg.train.precision is Precision.bf16
     assert isinstance(cfg.run.seed, int) and cfg.run.seed == 42
 
 
 def test_int_override_into_float_field_becomes_float():
-    cfg = load_config(None, ["train.lr=1"])
-    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    cfg = load_config(None, ["optim.lr=1"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
 
 
 # --------------------------------------------------------------------------- unknown keys
@@ -143,7 +146,7 @@ def test_unknown_key_in_yaml_file_names_file_and_closest_key(tmp_path):
         ("train.epochs=2.5", "train.epochs"),
         ("model.sync_bn=maybe", "model.sync_bn"),
         ("train.precision=fp8", "train.precision"),
-        ("train.lr=fast", "train.lr"),
+        ("optim.lr=fast", "optim.lr"),
     ],
 )
 def test_wrong_type_raises_config_error_naming_key(override, key):
@@ -172,7 +175,7 @@ def test_wrong_type_in_file_names_key_and_file(tmp_path):
         ("train.grad_accum=0", "train.grad_accum"),
         ("train.epochs=-1", "train.epochs"),
         ("dist.timeout_s=-1", "dist.timeout_s"),
-        ("train.lr=-0.1", "train.lr"),
+        ("optim.lr=-0.1", "optim.lr"),
     ],
 )
 def test_choice_and_range_validation(override, key):
@@ -187,7 +190,7 @@ def test_choice_and_range_validation(override, key):
         ("data.loader=device", "data", "loader", "device"),
         ("train.grad_accum=1", "train", "grad_accum", 1),
         ("dist.timeout_s=0", "dist", "timeout_s", 0.0),
-        ("train.lr=0", "train", "lr", 0.0),
+        ("optim.lr=0", "optim", "lr", 0.0),
     ],
 )
 def test_boundary_values_are_accepted(override, section, leaf, expected):
@@ -195,7 +198,7 @@ def test_boundary_values_are_accepted(override, section, leaf, expected):
     assert getattr(getattr(cfg, section), leaf) == expected
 
 
-@pytest.mark.parametrize("override", ["train.lr=nan", "dist.timeout_s=nan"])
+@pytest.mark.parametrize("override", ["optim.lr=nan", "dist.timeout_s=nan"])
 def test_nan_float_is_rejected(override):
     with pytest.raises(ConfigError):
         load_config(None, [override])
@@ -279,7 +282,7 @@ def test_to_dict_is_plain_builtins():
 
 def test_to_yaml_round_trip(tmp_path):
     cfg = load_config(REPO / "configs" / "cifar_debug.yaml",
-                      ["train.precision=bf16", "train.lr=1e-4", "run.name=123", "run.dir=runs/x y",
+                      ["train.precision=bf16", "optim.lr=1e-4", "run.name=123", "run.dir=runs/x y",
                        "model.sync_bn=true", "dist.timeout_s=12.5"])
     assert cfg != Config()
     text = to_yaml(cfg)
@@ -293,25 +296,26 @@ def test_to_yaml_round_trip(tmp_path):
 
 def test_schema_keys_contains_minimum_keys():
     keys = schema_keys()
-    required = {"data.root", "data.synthetic", "train.epochs", "train.batch_size", "train.lr", "train.precision",
+    required = {"data.root", "data.synthetic", "train.epochs", "train.batch_size", "optim.lr", "train.precision",
                 "train.grad_accum", "model.sync_bn", "run.dir", "run.seed"}
     assert required <= set(keys)
     assert len(keys) == len(set(keys))
     assert all(k.count(".") == 1 for k in keys)
+    assert {"optim.name", "sched.name", "data.num_workers", "model.init_from", "train.augment"} <= set(keys)
     # every key is settable from the command line
     assert "data" not in keys and "train" not in keys
 
 
 def test_replace_changes_only_named_leaves():
     cfg = load_config(None, ["train.epochs=4"])
-    new = replace(cfg, run={"dir": "somewhere"}, train={"lr": 0.5})
+    new = replace(cfg, run={"dir": "somewhere"}, optim={"lr": 0.5})
     assert new.run.dir == "somewhere"
-    assert new.train.lr == 0.5
+    assert new.optim.lr == 0.5
     assert new.train.epochs == 4
-    assert cfg.run.dir == "" and cfg.train.lr == 0.2  # original untouched
+    assert cfg.run.dir == "" and cfg.optim.lr == 0.2  # original untouched
     old, changed = to_dict(cfg), to_dict(new)
     diffs = {(s, k) for s in old for k in old[s] if old[s][k] != changed[s][k]}
-    assert diffs == {("run", "dir"), ("train", "lr")}
+    assert diffs == {("run", "dir"), ("optim", "lr")}
 
 
 def test_replace_unknown_leaf_raises():
@@ -323,3 +327,51 @@ def test_readme_documents_every_key() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k in schema_keys() if f"`{k}`" not in readme]
     assert not missing, f"README does not document: {missing}"
+
+
+# --------------------------------------------------------------------------- renamed keys and task schemas
+
+
+@pytest.mark.parametrize("old, new", [("train.lr", "optim.lr"), ("train.weight_decay", "optim.weight_decay"),
+                                      ("train.momentum", "optim.momentum"), ("train.warmup_epochs", "sched.warmup_epochs")])
+def test_renamed_key_names_the_new_one(old, new):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{old}=0.1"])
+    assert f"'{old}'" in str(info.value) and f"renamed to '{new}'" in str(info.value)
+
+
+def test_renamed_key_in_file_names_the_new_one(tmp_path):
+    path = write_yaml(tmp_path, "train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="renamed to 'optim.lr'"):
+        load_config(path)
+
+
+def test_choices_are_checked_from_the_field(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["optim.name=lion"])
+    assert "optim.name" in str(info.value) and "adamw" in str(info.value)
+    assert load_config(None, ["optim.name=adamw", "optim.betas=[0.9,0.95]"]).optim.betas == (0.9, 0.95)
+
+
+def test_a_task_adds_keys_with_their_validation_without_editing_the_launcher():
+    @dataclasses.dataclass(frozen=True)
+    class MyData(base.DataConfig):
+        points: int = base.setting(100, "how many points", gt=10)
+
+    @dataclasses.dataclass(frozen=True)
+    class MyConfig(base.Config):
+        data: MyData = dataclasses.field(default_factory=MyData)
+
+    assert base.load_config(None, ["data.points=50", "data.num_workers=0"], schema=MyConfig).data.points == 50
+    with pytest.raises(ConfigError, match="'data.points' must be greater than 10"):
+        base.load_config(None, ["data.points=5"], schema=MyConfig)
+    with pytest.raises(ConfigError, match="did you mean 'data.points'"):
+        base.load_config(None, ["data.point=50"], schema=MyConfig)
+    # the base schema knows nothing of CIFAR
+    with pytest.raises(ConfigError, match="Unknown configuration key 'data.root'"):
+        base.load_config(None, ["data.root=x"])
+
+
+def test_every_leaf_is_documented():
+    undocumented = [leaf.key for leaf in base.leaves(Config) if not leaf.doc]
+    assert not undocumented

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from launcher.config import ConfigError
-from trainers.data import (
+from trainers.core.data import (
     Augment,
+    TensorSplit,
     EvalShard,
     Normalize,
     ResumableDistributedSampler,
@@ -20,18 +19,22 @@ from trainers.data import (
 CPU = torch.device("cpu")
 
 
-@dataclass
-class TinySplit:
-    """A map-style split held as tensors: what both loaders accept."""
+class TinySplit(TensorSplit):
+    """A split held as tensors, (N, 3, 8, 8) uint8 images and (N,) labels: what both loaders accept."""
 
-    images: torch.Tensor  # (N, 3, 8, 8) uint8
-    labels: torch.Tensor  # (N,) int64
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensors[0]
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors[1]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.images[i], int(self.labels[i]), i
+
+def augmenter(n: int, seed: int = 0, **kwargs):
+    """An Augment with its seed bound, called as (images, index, epoch)."""
+    aug = Augment(n, **kwargs)
+    return lambda x, idx, epoch: aug(x, idx, epoch, seed)
 
 
 def tiny_split(n: int, seed: int = 0, size: int = 8) -> TinySplit:
@@ -197,7 +200,7 @@ def test_eval_shard_covers_every_index_once(world):
 
 
 def collect(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return [tuple(t.clone() for t in batch) for batch in loader]
+    return [(images.clone(), labels.clone(), index.clone()) for (images, labels), index in loader.epoch(0, 0)]
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
@@ -250,7 +253,7 @@ def candidate_crops(image: torch.Tensor, pad: int) -> torch.Tensor:
 def test_augment_output_is_exactly_one_padded_crop_or_its_mirror():
     n, pad = 64, 4
     x = distinct_images(n)
-    out = Augment(n, seed=1, pad=pad)(x, torch.arange(n), epoch=0)
+    out = augmenter(n, seed=1, pad=pad)(x, torch.arange(n), epoch=0)
     assert out.shape == x.shape and out.dtype == x.dtype
     used = set()
     for j in range(n):
@@ -263,7 +266,7 @@ def test_augment_output_is_exactly_one_padded_crop_or_its_mirror():
 def test_augment_constant_image_zeros_only_in_border_band():
     n, pad, size = 200, 4, 32
     ones = torch.ones(n, 3, size, size)
-    out = Augment(n, seed=0, pad=pad)(ones, torch.arange(n), epoch=0)
+    out = augmenter(n, seed=0, pad=pad)(ones, torch.arange(n), epoch=0)
     assert set(out.unique().tolist()) <= {0.0, 1.0}
     for img in out:
         mask = img[0] == 1
@@ -283,12 +286,12 @@ def test_augment_independent_of_batch_composition_and_order():
     n, seed, epoch = 40, 3, 2
     x = distinct_images(n)
     idx = torch.arange(n)
-    full = Augment(n, seed)(x, idx, epoch)
+    full = augmenter(n, seed)(x, idx, epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    permuted = Augment(n, seed)(x[perm], idx[perm], epoch)
+    permuted = augmenter(n, seed)(x[perm], idx[perm], epoch)
     assert torch.equal(permuted, full[perm])
     # split into uneven sub-batches through one (caching) instance
-    aug = Augment(n, seed)
+    aug = augmenter(n, seed)
     pieces = [aug(x[perm[a:z]], perm[a:z], epoch) for a, z in ((0, 7), (7, 8), (8, 40))]
     assert torch.equal(torch.cat(pieces), full[perm])
 
@@ -297,17 +300,17 @@ def test_augment_depends_on_epoch_and_seed_but_is_repeatable():
     n = 32
     x = distinct_images(n)
     idx = torch.arange(n)
-    aug = Augment(n, seed=0)
+    aug = augmenter(n, seed=0)
     e0, e1 = aug(x, idx, 0), aug(x, idx, 1)
     assert not torch.equal(e0, e1)
     assert torch.equal(aug(x, idx, 0), e0)  # returning to an epoch redraws the same parameters
-    assert not torch.equal(Augment(n, seed=1)(x, idx, 0), e0)
+    assert not torch.equal(augmenter(n, seed=1)(x, idx, 0), e0)
 
 
 def test_flip_applied_to_about_half_and_only_flip_when_pad_zero():
     n = 2000
     x = torch.rand(n, 3, 4, 6, generator=torch.Generator().manual_seed(0))
-    out = Augment(n, seed=0, pad=0, flip=True)(x, torch.arange(n), epoch=0)
+    out = augmenter(n, seed=0, pad=0, flip=True)(x, torch.arange(n), epoch=0)
     same = (out == x).flatten(1).all(1)
     mirrored = (out == x.flip(3)).flatten(1).all(1)
     assert bool((same ^ mirrored).all())  # each sample is exactly one of the two
@@ -317,13 +320,13 @@ def test_flip_applied_to_about_half_and_only_flip_when_pad_zero():
 def test_no_flip_and_no_pad_is_identity():
     n = 16
     x = distinct_images(n)
-    assert torch.equal(Augment(n, seed=0, pad=0, flip=False)(x, torch.arange(n), epoch=0), x)
+    assert torch.equal(augmenter(n, seed=0, pad=0, flip=False)(x, torch.arange(n), epoch=0), x)
 
 
 def test_no_flip_never_mirrors():
     n, pad = 32, 2
     x = distinct_images(n)
-    out = Augment(n, seed=5, pad=pad, flip=False)(x, torch.arange(n), epoch=0)
+    out = augmenter(n, seed=5, pad=pad, flip=False)(x, torch.arange(n), epoch=0)
     n_plain = (2 * pad + 1) ** 2
     for j in range(n):
         matches = (candidate_crops(x[j], pad) == out[j]).flatten(1).all(1)

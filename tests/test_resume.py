@@ -16,7 +16,7 @@ import torch
 from launcher.signals import PREEMPTED_EXIT_CODE
 from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint
-from trainers.checkpoint import CheckpointManager
+from trainers.core.checkpoint import CheckpointManager
 
 # 64 steps per epoch, 2 epochs: long enough to interrupt well inside the first epoch.
 EXACT = ["data.synthetic_train_size=4096", "train.batch_size=64", "train.epochs=2", "run.log_every=1",

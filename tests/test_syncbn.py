@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tests.dist_utils import run_ranks
-from trainers.parallel import GlooSyncBatchNorm, convert_sync_batchnorm
+from trainers.core.parallel import GlooSyncBatchNorm, convert_sync_batchnorm
 
 B, C, SEED = 6, 5, 7
 

@@ -18,7 +18,6 @@ import socket
 import tarfile
 import urllib.error
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
+
+from launcher.errors import DatasetUnavailable
+from trainers.core.data import TensorSplit
+
+__all__ = ["ArrayDataset", "DatasetUnavailable", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "load_cifar10",
+           "download_cifar10", "synthetic_cifar10", "cifar10_folder"]
 
 # Per-channel statistics over all pixels of the 50k training images scaled to [0, 1]. The
 # often-quoted std (0.2023, 0.1994, 0.2010) is not this dataset-wide std that Normalize expects.
@@ -54,39 +59,27 @@ _CHANNELS, _SIDE = 3, 32
 _PIXELS = _CHANNELS * _SIDE * _SIDE
 
 
-class DatasetUnavailable(RuntimeError):
-    """Dataset missing and could not be fetched; message names the fix."""
+class ArrayDataset(TensorSplit):
+    """A whole image classification split held in memory: ``images`` ``(N, 3, H, W)`` uint8 (CHW) and
+    ``labels`` ``(N,)`` int64. Sample ``i`` is ``(images[i], labels[i])``."""
 
-
-@dataclass(frozen=True)
-class ArrayDataset:
-    """A whole image classification split held in memory as tensors.
-
-    ``images`` is ``(N, 3, H, W)`` uint8 (contiguous, CHW) and ``labels`` is ``(N,)`` int64.
-    Items are ``(image, label, index)``; the index is returned so that augmentation can be
-    keyed by sample index and stay reproducible regardless of worker or shuffle order.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         # Fail at construction, not deep inside a DataLoader worker, when a producer got it wrong.
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != _CHANNELS:
-            raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(self.images.shape)} {self.images.dtype}")
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise ValueError(f"labels must be (N,) int64, got {tuple(self.labels.shape)} {self.labels.dtype}")
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != _CHANNELS:
+            raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+        if labels.dtype != torch.int64 or labels.dim() != 1:
+            raise ValueError(f"labels must be (N,) int64, got {tuple(labels.shape)} {labels.dtype}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        super().__init__(images, labels)
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensors[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        if index < 0:
-            # Normalise so the returned index is a stable key for per-sample augmentation.
-            index += len(self)
-        return self.images[index], int(self.labels[index]), index
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors[1]
 
 
 def cifar10_folder(root: str | Path) -> Path:

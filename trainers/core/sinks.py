@@ -87,7 +87,7 @@ def make_sink(is_main: bool, run_dir: Path, progress: str) -> Sink:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records logged after ``last_step`` (work lost to a crash that the resumed run will redo)."""
-    from trainers.checkpoint import atomic_write_text  # the same temp+fsync+rename discipline
+    from trainers.core.checkpoint import atomic_write_text  # the same temp+fsync+rename discipline
 
     if not path.exists():
         return

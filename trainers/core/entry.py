@@ -1,38 +1,43 @@
 """The recipe every task's ``main()`` follows: config, runtime, run directory, trainer, exit code.
 
     def main(argv=None) -> int:
-        return run_task(MyTask(), argv)
+        return run_task(MyTask, argv)
+
+User errors (``launcher.errors.UserError``: config, launch environment, data, checkpoint) become one
+message and exit status 2 here, in one place.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from launcher.config import Config, ConfigError, flatten, load_config, replace, to_dict, to_yaml
-from launcher.env import LaunchError
+from launcher.config import Config, flatten, load_config, replace, to_dict, to_yaml
+from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import CollectiveError, Runtime, configure_determinism, distributed
 from launcher.signals import PREEMPTED_EXIT_CODE, Preempted
-from trainers.checkpoint import CheckpointError, atomic_write_text
-from trainers.cifar_data import DatasetUnavailable
-from trainers.task import Task
-from trainers.trainer import Trainer
+from trainers.core.checkpoint import atomic_write_text
+from trainers.core.task import Task
+from trainers.core.trainer import Trainer
 
-#: Exit status for bad input (config, launch environment, dataset, checkpoint): fix and re-run.
-USAGE_EXIT_CODE = 2
 #: Exit status when a peer rank failed or timed out in a collective.
 COLLECTIVE_EXIT_CODE = 3
 
-_USER_ERRORS = (ConfigError, LaunchError, CheckpointError, DatasetUnavailable)
+
+class Fits(Protocol):
+    def fit(self) -> dict[str, Any]: ...
+
+
+#: Builds the trainer of a run: ``Trainer`` by default, or any class taking (task, rt, run_dir) with ``fit()``.
+TrainerFactory = Callable[[Task, Runtime, Path], Fits]
 
 
 def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
@@ -44,24 +49,25 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_run_dir(cfg: Config, rt: Runtime) -> Path:
+def resolve_run_dir(cfg: Config, rt: Runtime, task_name: str) -> Path:
     """run.dir, or runs/<name>-<job id or time>, chosen by rank 0 so that every rank agrees."""
     if cfg.run.dir:
         return Path(cfg.run.dir)
     # A job id is stable across requeues and torchrun restarts, so those resume automatically.
     suffix = rt.env.job_id or time.strftime("%Y%m%d-%H%M%S")
-    if rt.env.job_id is None and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and rt.is_main:
+    if rt.env.job_id is None and rt.env.max_restarts > 0 and rt.is_main:
         print("warning: torchrun has --max-restarts but no --rdzv-id (or --standalone), so a restarted group "
               "would pick a new run directory and start over; set run.dir or --rdzv-id.", file=sys.stderr)
-    return Path(rt.broadcast_object(f"runs/{cfg.run.name}-{suffix}", "run directory"))
+    return Path(rt.broadcast_object(f"runs/{cfg.run.name or task_name}-{suffix}", "run directory"))
 
 
-def startup_table(cfg: Config, rt: Runtime, devices: list[str]) -> Table:
-    """Launch mode, world, backend, devices and the resolved config, as one compact table."""
+def startup_table(cfg: Config, rt: Runtime, devices: list[str], task_name: str) -> Table:
+    """Task, launch mode, world, backend, devices and the resolved config, as one compact table."""
     env = rt.env
     table = Table(title="run", show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
+    table.add_row("task", task_name)
     table.add_row("launch", f"{env.launcher}  (rank 0 on {socket.gethostname()})")
     table.add_row("world", f"{env.world_size} rank(s) = {env.num_nodes} node(s) x {env.local_world_size}")
     table.add_row("backend", f"{rt.backend or 'none (single process)'}"
@@ -88,41 +94,42 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu @ {socket.gethostname()}"
 
 
-def _train(cfg: Config, rt: Runtime, task: Task) -> dict:
+def _train(cfg: Config, rt: Runtime, task_cls: type[Task], trainer: TrainerFactory) -> dict[str, Any]:
     configure_determinism(cfg.run.deterministic)
-    run_dir = resolve_run_dir(cfg, rt)
+    run_dir = resolve_run_dir(cfg, rt, task_cls.name)
     cfg = replace(cfg, run={"dir": str(run_dir)})
     devices = rt.gather_objects(_describe_device(rt.device), "start-up")
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        Console(highlight=False).print(startup_table(cfg, rt, devices))
+        Console(highlight=False).print(startup_table(cfg, rt, devices, task_cls.name))
     rt.barrier("run directory")
-    summary = Trainer(cfg, rt, task, run_dir).fit()
+    summary = trainer(task_cls(cfg), rt, run_dir).fit()
     if rt.is_main:
-        print(f"done: test_acc {summary.get('test_acc', float('nan')):.4f} after {summary['global_step']} steps; "
-              f"outputs in {run_dir}")
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_") and isinstance(v, float))
+        print(f"done: {scores} after {summary.get('global_step')} steps; outputs in {run_dir}")
     return summary
 
 
-def run_task(task: Task, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Parse, launch, train; returns the process exit code (0, 2, 3 or PREEMPTED_EXIT_CODE)."""
+def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: TrainerFactory | None = None,
+             prog: str | None = None) -> int:
+    """Parse, launch, train ``task``; returns the process exit code (0, 2, 3 or PREEMPTED_EXIT_CODE).
+
+    ``trainer`` replaces the built-in ``Trainer`` (any factory of (task, rt, run_dir) with ``fit()``).
+    """
     args = parse_args(argv, prog or f"python -m trainers.{task.name}")
+    trainer = trainer or Trainer
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USAGE_EXIT_CODE
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    try:
+        cfg = load_config(args.config, args.overrides, schema=task.config)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
         with distributed(cfg.dist) as rt:
-            _train(cfg, rt, task)
+            _train(cfg, rt, task, trainer)
         return 0
     except Preempted:
         return PREEMPTED_EXIT_CODE
-    except _USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except CollectiveError as e:

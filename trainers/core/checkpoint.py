@@ -30,6 +30,8 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from launcher.errors import UserError
+
 __all__ = [
     "CheckpointError", "CheckpointManager", "load_checkpoint", "strip_prefixes", "fsync_dir",
     "atomic_write_text", "rng_state", "set_rng_state",
@@ -52,7 +54,7 @@ _ZIP_TAIL = 22 + 65535  # the zip end record plus its longest possible comment
 # turns silent bit rot into a clear rejection.
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was expected; message names files and the fix."""
 
 

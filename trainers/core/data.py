@@ -1,0 +1,377 @@
+"""Sample order, exact evaluation shards, loaders, per-sample seeding, and batches of any structure.
+
+The training order of an epoch is a pure function of (seed, epoch): a permutation of the dataset
+truncated to whole global batches. Global batch k is always positions [k*B, (k+1)*B) of that
+permutation whatever the world size (DistributedSampler's strided shards interleave within it), so
+1 process and N ranks see the same samples per optimizer step, and a position inside the epoch is
+just "optimizer steps done".
+
+Random transforms inside a Dataset (e.g. torchvision.transforms.v2 in DataLoader workers) draw from
+the global RNGs of whichever process loads the sample. The loader therefore fetches every sample
+under RNGs seeded from (seed, epoch, sample index), so a resumed run, any worker count and any world
+size see exactly the same augmented samples.
+
+A batch is whatever the Dataset's samples collate to (a tensor, a tuple, a dict, nested); every
+loader yields ``(batch, index)`` where ``index`` holds the dataset indices of the batch's samples.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import default_collate
+
+from launcher.config import ConfigError
+
+__all__ = [
+    "TensorSplit", "per_rank_batch", "ResumableDistributedSampler", "EvalShard", "sample_seed", "make_loader",
+    "DeviceLoader", "HostLoader", "tree_map", "to_device", "chunk", "batch_len", "Augment", "Normalize",
+]
+
+
+# ----------------------------------------------------------------------------------- batches
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nested tuple/list/dict batch; other leaves are kept."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: tree_map(fn, v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(tree_map(fn, v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(tree_map(fn, v) for v in batch)
+    return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of ``batch`` on ``device`` (asynchronously from pinned memory)."""
+    return tree_map(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def _leaves(batch: Any) -> Iterator[Any]:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            yield from _leaves(v)
+    elif isinstance(batch, (list, tuple)) and not (batch and isinstance(batch[0], str)):
+        for v in batch:
+            yield from _leaves(v)
+    else:
+        yield batch
+
+
+def batch_len(batch: Any) -> int:
+    """Number of samples in a batch: the length of its first tensor (or list of strings)."""
+    for leaf in _leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+        if isinstance(leaf, (list, tuple)):
+            return len(leaf)
+    raise ValueError("cannot tell the number of samples of a batch that holds no tensor")
+
+
+def chunk(batch: Any, parts: int) -> list[Any]:
+    """Split a batch into ``parts`` micro-batches along the sample dimension (for gradient accumulation)."""
+    if parts == 1:
+        return [batch]
+    n = batch_len(batch)
+    bounds = [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+    return [_slice(batch, lo, hi, n) for lo, hi in bounds]
+
+
+def _slice(batch: Any, lo: int, hi: int, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi] if batch.dim() > 0 and batch.shape[0] == n else batch
+    if isinstance(batch, dict):
+        return {k: _slice(v, lo, hi, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], str) and len(batch) == n:
+        return type(batch)(batch[lo:hi])  # collated strings
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_slice(v, lo, hi, n) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, lo, hi, n) for v in batch)
+    return batch
+
+
+# ----------------------------------------------------------------------------------- in-memory splits
+
+
+class TensorSplit(Dataset):
+    """A split held as tensors of equal length: sample ``i`` is ``tuple(t[i] for t in tensors)``.
+
+    Works with both loaders; ``data.loader=device`` keeps the tensors on the compute device and
+    gathers batches there (no worker processes, no host copies).
+    """
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+            raise ValueError(f"TensorSplit needs tensors of equal length, got {[len(t) for t in tensors]}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch of samples ``index`` in one indexing operation per tensor."""
+        return tuple(t[index] for t in self.tensors)
+
+
+# ----------------------------------------------------------------------------------- order and shards
+
+
+def per_rank_batch(global_batch: int, world_size: int, grad_accum: int = 1) -> int:
+    """Micro-batch size of one rank, derived from the configured global batch."""
+    parts = world_size * grad_accum
+    if global_batch % parts:
+        lower, upper = global_batch // parts * parts, math.ceil(global_batch / parts) * parts
+        raise ConfigError(
+            f"train.batch_size={global_batch} (the global batch) does not divide into {world_size} ranks x "
+            f"{grad_accum} accumulation steps; set train.batch_size to a multiple of {parts} "
+            f"(e.g. {lower or parts} or {upper}) or change the number of ranks or train.grad_accum.")
+    return global_batch // parts
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler (drop_last, shuffled per ``set_epoch``) that can start an epoch part-way.
+
+    ``set_epoch(epoch, start_step)`` skips the samples of the first ``start_step`` global batches, so a
+    resumed run continues at the next unseen batch (also after a change of world size).
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int, per_rank_batch: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.per_rank_batch = per_rank_batch
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.per_rank_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:  # type: ignore[override]
+        super().set_epoch(epoch)
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_step * self.per_rank_batch:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_step * self.per_rank_batch)
+
+
+class EvalShard(Sampler[int]):
+    """Rank ``r`` of ``W`` evaluates samples r, r+W, r+2W, ...: every sample exactly once, no padding.
+
+    Shards differ in length by at most one; evaluation must therefore run no collective per batch.
+    """
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        self.indices = range(rank, length, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ----------------------------------------------------------------------------------- per-sample seeds
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample's random transforms: a pure function of its arguments."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ (epoch & _MASK64)) ^ index) >> 1
+
+
+@contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch, python and numpy global RNGs; restore them afterwards unless in a worker process."""
+    in_worker = get_worker_info() is not None  # a worker's RNGs belong to nobody else
+    saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class _Collated:
+    """A batch already collated by ``__getitems__`` (in-memory splits gather whole batches at once)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+
+def _collate(samples: Any) -> Any:
+    return samples.batch if isinstance(samples, _Collated) else default_collate(samples)
+
+
+class _KeyedDataset(Dataset):
+    """Wraps a Dataset: fetches ``(index, seed)`` keys under seeded RNGs and returns ``(sample, index)``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
+        index, seed = key
+        with _seeded_rngs(seed):
+            return self.dataset[index], index
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
+        if isinstance(self.dataset, TensorSplit):  # plain tensors: no transforms to seed, one gather
+            index = torch.tensor([i for i, _ in keys], dtype=torch.int64)
+            return _Collated((self.dataset.gather(index), index))
+        return [self[key] for key in keys]
+
+
+class _KeyedBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(index, per-sample seed)`` keys; runs in the main process, so ``stream`` is current."""
+
+    def __init__(self, batches: BatchSampler) -> None:
+        self.batches = batches
+        self.stream = (0, 0)  # (seed, epoch), set before each pass
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        seed, epoch = self.stream
+        for batch in self.batches:
+            yield [(i, sample_seed(seed, epoch, i)) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# ----------------------------------------------------------------------------------- loaders
+
+Item = tuple[Any, torch.Tensor]  # (batch on the device, dataset indices of its samples)
+
+
+class DeviceLoader:
+    """A TensorSplit resident on the device; batches are gathers, no worker processes, no host copies."""
+
+    def __init__(self, split: Any, sampler: Sampler[int], batch_size: int, drop_last: bool,
+                 device: torch.device) -> None:
+        if not isinstance(split, TensorSplit):
+            raise ConfigError(f"data.loader=device needs in-memory tensor splits (a TensorSplit), but this task's "
+                              f"data is a {type(split).__name__}; use data.loader=dataloader.")
+        self.split = TensorSplit(*(t.to(device) for t in split.tensors))  # copied once per run
+        self.batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
+        self.device = device
+
+    def epoch(self, seed: int, epoch: int) -> Iterator[Item]:
+        """One pass over the sampler's current order (``seed`` and ``epoch`` key host-side transforms only)."""
+        for idx in self.batches:
+            i = torch.as_tensor(idx, device=self.device)
+            yield self.split.gather(i), i
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class HostLoader:
+    """A torch DataLoader over any map-style Dataset; samples fetched under per-sample seeds."""
+
+    def __init__(self, dataset: Any, sampler: Sampler[int], batch_size: int, drop_last: bool,
+                 device: torch.device, num_workers: int = 0, pin_memory: bool = True,
+                 persistent_workers: bool = True, prefetch_factor: int = 2) -> None:
+        self.keys = _KeyedBatches(BatchSampler(sampler, batch_size, drop_last=drop_last))
+        workers = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers else {}
+        # A private generator: otherwise each new iterator draws its base seed from the global torch
+        # RNG, and a resumed run (one iterator fewer) would see shifted random streams.
+        self.loader = DataLoader(_KeyedDataset(dataset), batch_sampler=self.keys, num_workers=num_workers,
+                                 collate_fn=_collate, pin_memory=pin_memory and device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(0), **workers)
+        self.device = device
+
+    def epoch(self, seed: int, epoch: int) -> Iterator[Item]:
+        """One pass over the sampler's current order, every sample seeded by (seed, epoch, index)."""
+        self.keys.stream = (seed, epoch)
+        for batch, index in self.loader:
+            yield to_device(batch, self.device), index.to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def make_loader(kind: str, split: Any, sampler: Sampler[int], batch_size: int, drop_last: bool,
+                device: torch.device, num_workers: int = 0, **dataloader: Any) -> DeviceLoader | HostLoader:
+    """``kind`` is data.loader: "device" or "dataloader"; both yield identical batches."""
+    if kind == "device":
+        return DeviceLoader(split, sampler, batch_size, drop_last, device)
+    return HostLoader(split, sampler, batch_size, drop_last, device, num_workers, **dataloader)
+
+
+# ----------------------------------------------------------------------------------- batched transforms
+
+
+class Augment:
+    """Random crop with zero padding and horizontal flip, as batched tensor ops on the device.
+
+    Per-sample parameters come from a generator seeded by (seed, epoch), drawn for all samples at
+    once and looked up by sample index: no per-image Python, no dependence on global RNG state.
+    """
+
+    def __init__(self, num_samples: int, pad: int = 4, flip: bool = True) -> None:
+        self.num_samples, self.pad, self.flip = num_samples, pad, flip
+        self._drawn: tuple[int, int, torch.device] | None = None
+        self._shift = self._mirror = torch.empty(0)
+
+    def _draw(self, seed: int, epoch: int, device: torch.device) -> None:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self._shift = torch.randint(0, 2 * self.pad + 1, (self.num_samples, 2), generator=g).to(device)
+        self._mirror = (torch.rand(self.num_samples, generator=g) < 0.5).to(device)
+        self._drawn = (seed, epoch, device)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+        """Augment a float batch (b, C, H, W) whose samples have dataset indices ``index``."""
+        if self._drawn != (seed, epoch, images.device):
+            self._draw(seed, epoch, images.device)
+        b, c, h, w = images.shape
+        padded = torch.nn.functional.pad(images, (self.pad,) * 4)
+        shift = self._shift[index]
+        rows = (shift[:, 0:1] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (shift[:, 1:2] + torch.arange(w, device=images.device))[:, None, None, :]
+        out = padded[torch.arange(b, device=images.device)[:, None, None, None],
+                     torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
+        if self.flip:
+            out = torch.where(self._mirror[index][:, None, None, None], out.flip(3), out)
+        return out
+
+
+class Normalize:
+    """uint8 (or [0, 255] float) images to normalised float on the device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | None = None) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != images.device:  # moved once, on the first batch
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() - self.mean) / self.std

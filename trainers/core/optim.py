@@ -1,0 +1,94 @@
+"""Optimizer and learning-rate schedule from the config (``optim.*``, ``sched.*``).
+
+Tasks get these by default; a task that wants its own overrides ``Task.build_optimizer`` or
+``Task.build_scheduler``. Every schedule is stepped once per optimizer step and saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from launcher.config import ConfigError, OptimConfig, SchedConfig
+
+# Modules whose weights are scales and shifts, not features: decaying them towards zero only hurts.
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_RMS_NORM = getattr(nn, "RMSNorm", None)
+if _RMS_NORM is not None:
+    _NORM_TYPES = (*_NORM_TYPES, _RMS_NORM)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: with weight decay, and without (biases, norm layers)."""
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, _NORM_TYPES) or name.endswith("bias") or p.ndim <= 1:
+                no_decay_ids.add(id(p))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) not in no_decay_ids]
+    no_decay = [p for p in trainable if id(p) in no_decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``optim.name`` over the model's trainable parameters, no decay on norm weights and biases."""
+    groups = param_groups(model, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ConfigError("The model has no trainable parameters (model.freeze froze them all?); freeze fewer "
+                          "prefixes.")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)  # type: ignore[arg-type]
+
+
+def _warmup(warmup_steps: int, after: Callable[[int], float]) -> Callable[[int], float]:
+    """Linear warm-up to the peak over ``warmup_steps``, then ``after(steps since the warm-up)``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return after(step - warmup_steps)
+
+    return factor
+
+
+def lr_factor(cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at each optimizer step, for cosine, step and constant."""
+    warmup = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs else 0
+    decay_steps = max(1, total_steps - warmup)
+    if cfg.name == "cosine":
+        def shape(t: int) -> float:
+            progress = min(1.0, t / decay_steps)
+            return cfg.final_lr + (1 - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.name == "step":
+        every = max(1, round(cfg.step_epochs * steps_per_epoch))
+
+        def shape(t: int) -> float:
+            return cfg.gamma ** ((t + warmup) // every)
+    else:
+        def shape(t: int) -> float:
+            return 1.0
+    return _warmup(warmup, shape)
+
+
+def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    total_steps: int) -> LRScheduler:
+    """``sched.name`` with warm-up; ``onecycle`` is torch's OneCycleLR with the warm-up as its rising phase."""
+    if cfg.name == "onecycle":
+        rise = cfg.warmup_epochs * steps_per_epoch / max(1, total_steps)
+        if not 0 < rise < 1:
+            raise ConfigError(f"sched.name=onecycle needs a rising phase inside the run: sched.warmup_epochs="
+                              f"{cfg.warmup_epochs:g} is {rise:.0%} of the {total_steps} steps; set it between 0 and "
+                              "the number of epochs (e.g. 30% of them).")
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        # OneCycle also cycles momentum (or Adam's beta1) inversely to the learning rate, where there is one.
+        cycle = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
+        return OneCycleLR(optimizer, max_lr=peaks, total_steps=max(2, total_steps), pct_start=rise,
+                          cycle_momentum=cycle)
+    return LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, total_steps))

@@ -1,0 +1,83 @@
+"""What a checkpoint holds, as a registry of stateful objects.
+
+Anything with ``state_dict()`` / ``load_state_dict()`` (torch's ``Stateful`` protocol) is registered
+under a name: the model, optimizer, schedule, scaler, training progress, and whatever the task
+registers (``Task.state()``). Saving and restoring walk the registry, so a task's own state is
+checkpointed without any edit to the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch.nn as nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from trainers.core.checkpoint import CheckpointError, strip_prefixes
+from trainers.core.parallel import unwrap
+
+__all__ = ["Stateful", "TrainState", "ModelState", "Registry"]
+
+
+@dataclass
+class TrainState:
+    """Where training stands; with the seed it fixes every sample (and random transform) still to come.
+
+    The seed lives here and only here: the sampler and the per-sample seeds read it each epoch, and a
+    resumed run takes the saved one.
+    """
+
+    seed: int = 0
+    global_batch_size: int = 0  # an exact mid-epoch resume needs the same global batch
+    epoch: int = 0  # current epoch, 0-based
+    step_in_epoch: int = 0  # optimizer steps done inside ``epoch``
+    global_step: int = 0  # optimizer steps done in total
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class ModelState:
+    """A model's weights with plain keys (no ``module.`` / ``_orig_mod.``), whatever wraps it now."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return strip_prefixes(unwrap(self.model).state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(strip_prefixes(state))
+
+
+class Registry:
+    """Named stateful objects, saved and restored together."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Stateful] = {}
+
+    def register(self, name: str, obj: Stateful) -> None:
+        if name in self.objects:
+            raise ValueError(f"checkpoint state '{name}' is registered twice")
+        if not isinstance(obj, Stateful):
+            raise TypeError(f"checkpoint state '{name}' ({type(obj).__name__}) needs state_dict() and "
+                            "load_state_dict()")
+        self.objects[name] = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.objects.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [name for name in self.objects if name not in state]
+        if missing:
+            raise CheckpointError(
+                f"The checkpoint holds no state for {', '.join(missing)} (it was written by a task that did not "
+                "register it). Resume with the task that wrote it, or start fresh with checkpoint.resume=never in "
+                "a new run.dir (model.init_from=... takes just the weights).")
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
