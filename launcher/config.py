@@ -45,6 +45,16 @@ def setting(default: Any, doc: str, *, choices: Sequence[Any] | None = None, gt:
     return field(default=default, metadata=meta)
 
 
+def redefault(section: type, name: str, default: Any) -> Any:
+    """The field ``name`` of ``section`` with a new default, keeping its documentation and validation.
+
+        class MyOptim(OptimConfig):
+            name: str = redefault(OptimConfig, "name", "adamw")
+    """
+    inherited = {f.name: f for f in dataclasses.fields(section)}[name]
+    return field(default=default, metadata=inherited.metadata)
+
+
 class Precision(str, Enum):
     """Numeric precision of the forward and backward passes."""
 
@@ -145,9 +155,8 @@ class CheckpointConfig:
     every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0)
     keep_last: int = setting(3, "newest checkpoints kept on disk", gt=0)
     keep_best: bool = setting(True, "also keep the checkpoint with the best `best_metric`")
-    best_metric: str = setting("test_acc", "evaluation metric that ranks checkpoints for `keep_best`")
-    best_mode: str = setting("max", "`max` or `min`: which direction of `best_metric` is better",
-                             choices=("max", "min"))
+    best_metric: str = setting("", "evaluation metric that ranks checkpoints, e.g. `test_acc` (empty: the task's "
+                               "first metric)")
     resume: str = setting("auto", "`auto` (newest valid checkpoint in `run.dir`), `never`, or a checkpoint path",
                           check=_existing_checkpoint)
 

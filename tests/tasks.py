@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -29,7 +32,21 @@ class NoNormTask(CifarTask):
                              nn.Flatten(), nn.Linear(w, 10))
 
 
-TASKS = {"cifar": CifarTask, "nonorm": NoNormTask}
+def load_example(name: str = "custom_task") -> ModuleType:
+    """A file under examples/ (not a package) as a module, importable again by spawned ranks."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def task_class(name: str) -> Any:
+    if name == "waves":
+        return load_example().WaveTask
+    return {"cifar": CifarTask, "nonorm": NoNormTask}[name]
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -51,25 +68,33 @@ def debug_config(overrides: list[str]) -> CifarConfig:
     return load_config(DEBUG_CONFIG, ["run.progress=quiet", "checkpoint.resume=never", *overrides], schema=CifarConfig)
 
 
+def task_config(task: str, overrides: list[str]) -> Any:
+    """The debug config for CIFAR tasks; the task's own defaults for the others."""
+    if task in ("cifar", "nonorm"):
+        return debug_config(overrides)
+    return load_config(None, ["run.progress=quiet", "checkpoint.resume=never", *overrides],
+                       schema=task_class(task).config)
+
+
 def train_trace(task: str, overrides: list[str], run_dir: str) -> list[torch.Tensor]:
     """Rank function: train with the debug config and return the per-step parameter trace."""
     torch.set_num_threads(1)
-    cfg = debug_config([f"run.dir={run_dir}", *overrides])
+    cfg = task_config(task, [f"run.dir={run_dir}", *overrides])
     with distributed(cfg.dist) as rt:
         if rt.is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
         rt.barrier("test set-up")
-        trainer = TracingTrainer(TASKS[task](cfg), rt, Path(run_dir))
+        trainer = TracingTrainer(task_class(task)(cfg), rt, Path(run_dir))
         trainer.fit()
         return trainer.trace
 
 
-def evaluate_initial(overrides: list[str], run_dir: str) -> dict[str, Any]:
+def evaluate_initial(overrides: list[str], run_dir: str, task: str = "cifar") -> dict[str, Any]:
     """Rank function: exact evaluation of the freshly initialised model."""
     torch.set_num_threads(1)
-    cfg = debug_config([f"run.dir={run_dir}", *overrides])
+    cfg = task_config(task, [f"run.dir={run_dir}", *overrides])
     with distributed(cfg.dist) as rt:
-        trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
+        trainer = Trainer(task_class(task)(cfg), rt, Path(run_dir))
         result = trainer.evaluate()
         trainer.sink.close()
         return {**result, "rank": rt.rank, "world": int(os.environ["WORLD_SIZE"])}

@@ -202,21 +202,26 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed) ^ (epoch & _MASK64)) ^ index) >> 1
 
 
-@contextmanager
-def _seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed torch, python and numpy global RNGs; restore them afterwards unless in a worker process."""
-    in_worker = get_worker_info() is not None  # a worker's RNGs belong to nobody else
-    saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    torch.manual_seed(seed)
+def _seed_rngs(seed: int) -> None:
+    """Seed the global RNGs that random transforms draw from: torch (CPU), python and numpy."""
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: seeding every GPU costs ~100x more
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+@contextmanager
+def _rngs_preserved() -> Iterator[None]:
+    """Restore the global RNGs afterwards, unless in a DataLoader worker (whose RNGs belong to nobody else)."""
+    if get_worker_info() is not None:
+        yield
+        return
+    saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
     try:
         yield
     finally:
-        if saved is not None:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
+        torch.default_generator.set_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
 
 
 class _Collated:
@@ -240,15 +245,18 @@ class _KeyedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
-        index, seed = key
-        with _seeded_rngs(seed):
-            return self.dataset[index], index
+        return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
         if isinstance(self.dataset, TensorSplit):  # plain tensors: no transforms to seed, one gather
             index = torch.tensor([i for i, _ in keys], dtype=torch.int64)
             return _Collated((self.dataset.gather(index), index))
-        return [self[key] for key in keys]
+        samples = []
+        with _rngs_preserved():  # once per batch: saving and restoring the RNGs costs more than seeding them
+            for index, seed in keys:
+                _seed_rngs(seed)
+                samples.append((self.dataset[index], index))
+        return samples
 
 
 class _KeyedBatches(Sampler[list[tuple[int, int]]]):

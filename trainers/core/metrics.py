@@ -28,6 +28,8 @@ class Metric:
     """A metric built from ``size`` sums; subclasses define ``update`` and ``compute``."""
 
     size: int = 1
+    #: Direction for ranking checkpoints (``checkpoint.best_metric``); None: not a ranking metric.
+    higher_is_better: bool | None = True
 
     def update(self, sums: torch.Tensor, outputs: Any, targets: Any) -> None:
         """Add this batch's contribution to ``sums`` (a float64 view of length ``size`` on the device)."""
@@ -70,6 +72,7 @@ class MeanLoss(Metric):
     """Mean of a per-sample loss over the whole set (default: cross-entropy without label smoothing)."""
 
     size = 2  # loss sum, count
+    higher_is_better = False
 
     def __init__(self, per_sample: Callable[[Any, Any], torch.Tensor] = _cross_entropy) -> None:
         self.per_sample = per_sample
@@ -89,6 +92,8 @@ class ConfusionMatrix(Metric):
     Works for classification (outputs ``(N, C)``) and dense prediction (outputs ``(N, C, ...)``,
     targets ``(N, ...)``); targets equal to ``ignore_index`` are not counted.
     """
+
+    higher_is_better: bool | None = None
 
     def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
         self.num_classes = num_classes
@@ -112,6 +117,8 @@ class ConfusionMatrix(Metric):
 
 class MeanIoU(ConfusionMatrix):
     """Mean intersection-over-union over the classes that occur (in targets or predictions)."""
+
+    higher_is_better = True
 
     def compute(self, sums: torch.Tensor) -> float:
         m = self.matrix(sums)

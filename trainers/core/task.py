@@ -106,8 +106,9 @@ class Task(Generic[C]):
         return F.cross_entropy(outputs, self.targets(batch), label_smoothing=self.cfg.train.label_smoothing)
 
     def metrics(self) -> dict[str, Metric]:
-        """Evaluation metrics by name; reported as ``test_<name>``. Default: mean loss and accuracy."""
-        return {"loss": MeanLoss(), "acc": Accuracy()}
+        """Evaluation metrics by name, reported as ``test_<name>``; the first one ranks checkpoints unless
+        ``checkpoint.best_metric`` names another. Default: accuracy and mean cross-entropy."""
+        return {"acc": Accuracy(), "loss": MeanLoss()}
 
     def transform(self, batch: Any, info: BatchInfo) -> Any:
         """Per-batch transform on the device, for training (``info.train``) and evaluation; default: none."""

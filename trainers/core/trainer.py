@@ -56,7 +56,7 @@ class Trainer:
         self.scheduler = task.build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps)
         self.amp = Amp(cfg.train.precision, rt.device)
         self.metrics = task.metrics()
-        self._check_best_metric()
+        self.best_name, self.best_sign = self._best_metric()
         self.ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                                       log=self.sink.print)
         self.registry = self._registry()
@@ -95,12 +95,14 @@ class Trainer:
         seed_everything(self.state.seed + self.rt.rank)  # per-rank streams from here on (dropout etc.)
         return wrap_ddp(model, self.rt.device, self.rt.world_size)
 
-    def _check_best_metric(self) -> None:
-        names = [f"test_{n}" for n in self.metrics] + ["test_samples"]
-        if self.cfg.checkpoint.keep_best and self.cfg.checkpoint.best_metric not in names:
-            raise ConfigError(f"checkpoint.best_metric={self.cfg.checkpoint.best_metric} is not one of this task's "
-                              f"evaluation metrics ({', '.join(names)}); set it to one of these, or "
-                              "checkpoint.keep_best=false.")
+    def _best_metric(self) -> tuple[str, float]:
+        """The metric that ranks checkpoints and its sign (+1: higher is better); checked before training."""
+        ranking = {f"test_{n}": m.higher_is_better for n, m in self.metrics.items() if m.higher_is_better is not None}
+        name = self.cfg.checkpoint.best_metric or next(iter(ranking), "")
+        if name not in ranking and (self.cfg.checkpoint.keep_best or self.cfg.checkpoint.best_metric):
+            raise ConfigError(f"checkpoint.best_metric={name or '(empty)'} is not one of this task's ranking metrics "
+                              f"({', '.join(ranking) or 'none'}); set it to one of these, or checkpoint.keep_best=false.")
+        return name, 1.0 if ranking.get(name, True) else -1.0
 
     def _registry(self) -> Registry:
         registry = Registry()
@@ -260,11 +262,9 @@ class Trainer:
                         prepare=self._memory_format)
 
     def _best_value(self, result: dict[str, Any]) -> float | None:
-        """The value ranking checkpoints (higher is better, so ``best_mode=min`` is negated)."""
-        value = result.get(self.cfg.checkpoint.best_metric)
-        if not isinstance(value, (int, float)):
-            return None
-        return float(value) if self.cfg.checkpoint.best_mode == "max" else -float(value)
+        """The value ranking checkpoints, signed so that higher is better (a loss is negated)."""
+        value = result.get(self.best_name)
+        return self.best_sign * float(value) if isinstance(value, (int, float)) else None
 
     def _sync_buffers(self, model: nn.Module) -> None:
         # Plain BatchNorm running statistics drift apart across ranks after the last forward;
