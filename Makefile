@@ -20,6 +20,7 @@ demo: install
 		-m trainers.cifar --config configs/cifar_demo.yaml $(ARGS)
 
 test: install
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

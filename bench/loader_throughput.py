@@ -16,17 +16,17 @@ import time
 import torch
 
 from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
-from trainers.core.data import Augment, Normalize, ResidentSplit, ResumableDistributedSampler, make_loader
+from trainers.core.data import Augment, Normalize, ResumableDistributedSampler, TensorSplit, make_loader
 
 
-def epoch_seconds(kind: str, split, device: torch.device, batch: int, workers: int) -> float:
+def epoch_seconds(kind: str, split: TensorSplit, device: torch.device, batch: int, workers: int) -> float:
     sampler = ResumableDistributedSampler(split, 1, 0, seed=0, per_rank_batch=batch)
     sampler.set_epoch(0)
-    normalize, augment = Normalize(CIFAR10_MEAN, CIFAR10_STD, device), Augment(len(split), seed=0)
-    loader = make_loader(kind, split, sampler, batch, True, device, workers)
+    normalize, augment = Normalize(CIFAR10_MEAN, CIFAR10_STD, device), Augment(len(split))
+    loader = make_loader(kind, split, sampler, batch, True, device, workers)  # the device loader copies once
     start = time.perf_counter()
-    for images, _, index in loader:
-        x = augment(normalize(images), index, epoch=0)
+    for (images, _), index in loader.epoch(0, 0):
+        x = augment(normalize(images), index, 0, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     del x
@@ -43,11 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     host = synthetic_cifar10(args.samples, seed=0)
-    resident = ResidentSplit(host, device)
     times: dict[str, list[float]] = {"dataloader": [], "device": []}
     for _ in range(args.repeats):  # interleaved: both see the same machine state
         times["dataloader"].append(epoch_seconds("dataloader", host, device, args.batch, args.workers))
-        times["device"].append(epoch_seconds("device", resident, device, args.batch, args.workers))
+        times["device"].append(epoch_seconds("device", host, device, args.batch, args.workers))
     med = {k: statistics.median(v) for k, v in times.items()}
     for kind, seconds in med.items():
         print(f"{kind:>10}: {args.samples / seconds:>12,.0f} samples/s  (median of {args.repeats}, {device})")

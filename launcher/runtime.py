@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import contextmanager
+from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping, TypeVar
@@ -79,7 +79,7 @@ class Runtime:
     def distributed(self) -> bool:
         return self.backend is not None
 
-    def phase(self, name: str):  # noqa: ANN201 - a context manager
+    def phase(self, name: str) -> ContextManager[None]:
         return phase(name, self.rank, self.timeout_s)
 
     def barrier(self, name: str) -> None:

@@ -16,6 +16,7 @@ under a checkpoint name. Everything here is plain file I/O and knows nothing abo
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
@@ -85,7 +86,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` via temp file + fsync + os.replace + directory fsync; never leaves it half-written."""
     tmp = _tmp_name(path)
     try:
@@ -221,7 +222,8 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
 
     The CUDA stream is this rank's own device's (``device``) only: asking for every GPU would make
     each rank create a context on all of them."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    keys = np.asarray(keys)
     return {
         "python": random.getstate(),  # (version, tuple of ints, None): plain data, loads fine
         # numpy's state holds a uint32 ndarray, which weights_only refuses; int64 holds it losslessly.
@@ -354,7 +356,7 @@ class CheckpointManager:
         if not candidates:
             return None
         entries = self._read_manifest()
-        rejected: list[tuple[Path, str]] = []
+        rejected: builtins.list[tuple[Path, str]] = []
         for path in candidates:
             try:
                 state = self._load_verified(path, entries.get(path.name), map_location)
@@ -367,7 +369,7 @@ class CheckpointManager:
             return state, path
         raise CheckpointError(self._none_usable_message(rejected))
 
-    def _candidates(self) -> list[Path]:
+    def _candidates(self) -> builtins.list[Path]:
         files = self.list()[::-1]
         pointed = self._pointer_target()
         if pointed is None:
@@ -386,7 +388,7 @@ class CheckpointManager:
             _check_recorded(path, entry)
         return _torch_load(path, map_location)
 
-    def _none_usable_message(self, rejected: list[tuple[Path, str]]) -> str:
+    def _none_usable_message(self, rejected: builtins.list[tuple[Path, str]]) -> str:
         lines = "\n".join(f"  {p.name}: {reason}" for p, reason in rejected)
         return (f"No usable checkpoint in {self.directory}: all {len(rejected)} checkpoint file(s) failed "
                 f"verification:\n{lines}\nRefusing to start over on top of saved work. {_FIX}")

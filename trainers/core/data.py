@@ -157,7 +157,7 @@ class ResumableDistributedSampler(DistributedSampler):
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.per_rank_batch
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:  # type: ignore[override]
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         super().set_epoch(epoch)
         self.start_step = start_step
 
@@ -249,8 +249,8 @@ class _KeyedDataset(Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
         if isinstance(self.dataset, TensorSplit):  # plain tensors: no transforms to seed, one gather
-            index = torch.tensor([i for i, _ in keys], dtype=torch.int64)
-            return _Collated((self.dataset.gather(index), index))
+            indices = torch.tensor([i for i, _ in keys], dtype=torch.int64)
+            return _Collated((self.dataset.gather(indices), indices))
         samples = []
         with _rngs_preserved():  # once per batch: saving and restoring the RNGs costs more than seeding them
             for index, seed in keys:
@@ -309,7 +309,7 @@ class HostLoader:
                  device: torch.device, num_workers: int = 0, pin_memory: bool = True,
                  persistent_workers: bool = True, prefetch_factor: int = 2) -> None:
         self.keys = _KeyedBatches(BatchSampler(sampler, batch_size, drop_last=drop_last))
-        workers = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers else {}
+        workers: dict[str, Any] = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers else {}
         # A private generator: otherwise each new iterator draws its base seed from the global torch
         # RNG, and a resumed run (one iterator fewer) would see shifted random streams.
         self.loader = DataLoader(_KeyedDataset(dataset), batch_sampler=self.keys, num_workers=num_workers,

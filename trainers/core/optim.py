@@ -16,7 +16,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from launcher.config import ConfigError, OptimConfig, SchedConfig
 
 # Modules whose weights are scales and shifts, not features: decaying them towards zero only hurts.
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                                             nn.LocalResponseNorm)
 _RMS_NORM = getattr(nn, "RMSNorm", None)
 if _RMS_NORM is not None:
     _NORM_TYPES = (*_NORM_TYPES, _RMS_NORM)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,9 @@ def _global_sum(x: torch.Tensor) -> torch.Tensor:
 
     torch's functional collectives are the supported differentiable all_reduce (the older
     torch.distributed.nn.functional one is deprecated)."""
-    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
+    world = dist.group.WORLD
+    assert world is not None, "the process group is initialised before any collective"
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", world))
 
 
 class GlooSyncBatchNorm(nn.BatchNorm2d):
@@ -53,13 +55,14 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
-        if not self.track_running_stats:
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if not self.track_running_stats or tracked is None or running_mean is None or running_var is None:
             return
-        self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(tracked)
         unbiased = var * n / (n - 1).clamp(min=1)  # running_var is unbiased, as in BatchNorm
-        self.running_mean.lerp_(mean, momentum)
-        self.running_var.lerp_(unbiased, momentum)
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(unbiased, momentum)
 
 
 def _swap_batchnorm(module: nn.Module) -> nn.Module:
@@ -82,7 +85,7 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 # DDP renamed broadcast_buffers to forward_sync_buffers (same meaning); use whichever this torch has.
-_SYNC_BUFFERS = ({"forward_sync_buffers": True} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+_SYNC_BUFFERS: dict[str, Any] = ({"forward_sync_buffers": True} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                  else {"broadcast_buffers": True})
 
 

@@ -91,7 +91,7 @@ class Trainer:
             model = convert_sync_batchnorm(model, self.rt.device)
         model = model.to(self.rt.device)
         if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            model = model.to(memory_format=torch.channels_last)
         seed_everything(self.state.seed + self.rt.rank)  # per-rank streams from here on (dropout etc.)
         return wrap_ddp(model, self.rt.device, self.rt.world_size)
 
@@ -106,9 +106,11 @@ class Trainer:
 
     def _registry(self) -> Registry:
         registry = Registry()
-        for name, obj in (("model", ModelState(self.model)), ("optimizer", self.optimizer),
-                          ("scheduler", self.scheduler), ("scaler", self.amp), ("train_state", self.state)):
-            registry.register(name, obj)  # type: ignore[arg-type]
+        builtin: list[tuple[str, Any]] = [("model", ModelState(self.model)), ("optimizer", self.optimizer),
+                                          ("scheduler", self.scheduler), ("scaler", self.amp),
+                                          ("train_state", self.state)]
+        for name, obj in builtin:
+            registry.register(name, obj)
         for name, obj in self.task.state().items():
             registry.register(f"task.{name}", obj)
         return registry
