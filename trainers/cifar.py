@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from launcher.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, setting
+from launcher.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, redefault, setting
 from launcher.runtime import Runtime
 from trainers.cifar_data import (CIFAR10_MEAN, CIFAR10_STD, ArrayDataset, DatasetUnavailable, download_cifar10,
                                  load_cifar10, synthetic_cifar10)
@@ -50,7 +50,7 @@ class CifarTrain(TrainConfig):
 
 @dataclass(frozen=True)
 class CifarOptim(OptimConfig):
-    lr: float = setting(0.2, "peak learning rate", ge=0)
+    lr: float = redefault(OptimConfig, "lr", 0.2)
 
 
 @dataclass(frozen=True)

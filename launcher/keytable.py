@@ -1,0 +1,52 @@
+"""Markdown tables of configuration keys, generated from the schemas so that the README cannot drift.
+
+    python -m launcher.keytable                                # the common keys (every task has them)
+    python -m launcher.keytable trainers.cifar:CifarConfig     # what a task adds or changes
+
+A test compares the README's tables with this output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from enum import Enum
+from typing import Any, Sequence
+
+from launcher.config import Config, leaves
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, Enum):
+        return f"`{value.value}`"
+    if isinstance(value, tuple):
+        return "`[" + ",".join(str(v) for v in value) + "]`"
+    return "(empty)" if value == "" else f"`{value}`"
+
+
+def key_table(schema: type = Config, base: type | None = None) -> str:
+    """One row per key of ``schema``; with ``base``, only the keys it adds or whose default it changes."""
+    inherited = {leaf.key: leaf.default for leaf in leaves(base)} if base is not None else {}
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for leaf in leaves(schema):
+        if leaf.key in inherited and inherited[leaf.key] == leaf.default:
+            continue
+        rows.append(f"| `{leaf.key}` | {_cell(leaf.default)} | {leaf.doc} |")
+    return "\n".join(rows)
+
+
+def _schema(spec: str) -> type:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    print(key_table(_schema(args[0]), Config) if args else key_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
