@@ -6,7 +6,7 @@ subclassing sections and the root (``class MyData(DataConfig): root: str = setti
 adds keys without touching this module. Each leaf is declared with ``setting()``: its default, one
 line of documentation and its validation (choices, ranges, a custom check) sit beside the field.
 
-    cfg = load_config("configs/cifar_debug.yaml", ["train.epochs=3"], schema=CifarConfig)
+    cfg = load_config("configs/my_task.yaml", ["train.epochs=3"], schema=MyTaskConfig)
 
 Merging and type checking are OmegaConf's (structured configs); this module adds what it lacks:
 errors that name the closest valid key, renamed-key messages, per-field validation, and a frozen,
@@ -269,7 +269,8 @@ def _explain(err: OmegaConfBaseException, source: str, schema: type) -> ConfigEr
     return ConfigError(f"Invalid configuration (from {source}): {err}")
 
 
-def _yaml_scalar(value: Any) -> Any:
+def yaml_scalar(value: Any) -> Any:
+    """A default as it is typed on the command line (``true``, ``fp32``, ``[0.9,0.999]``)."""
     if isinstance(value, bool):
         return str(value).lower()  # YAML spelling, as it would be typed on the command line
     if isinstance(value, tuple):
@@ -279,7 +280,7 @@ def _yaml_scalar(value: Any) -> Any:
 
 def _default_of(key: str, schema: type) -> Any:
     found = [leaf.default for leaf in leaves(schema) if leaf.key == key]
-    return _yaml_scalar(found[0]) if found else "..."
+    return yaml_scalar(found[0]) if found else "..."
 
 
 def _parse_overrides(overrides: Sequence[str]) -> Any:
@@ -354,7 +355,7 @@ def validate(cfg: Config) -> None:
         value = get(cfg, leaf.key)
         problem = _leaf_problem(leaf, value)
         if problem:
-            example = leaf.meta["choices"][0] if leaf.meta.get("choices") else _yaml_scalar(leaf.default)
+            example = leaf.meta["choices"][0] if leaf.meta.get("choices") else yaml_scalar(leaf.default)
             raise ConfigError(f"'{leaf.key}' {problem}; set for example {leaf.key}={example}.")
 
 

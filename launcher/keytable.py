@@ -1,7 +1,7 @@
 """Markdown tables of configuration keys, generated from the schemas so that the README cannot drift.
 
     python -m launcher.keytable                                # the common keys (every task has them)
-    python -m launcher.keytable trainers.cifar:CifarConfig     # what a task adds or changes
+    python -m launcher.keytable my_package.task:MyConfig       # what a task adds or changes
 
 A test compares the README's tables with this output.
 """
@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from enum import Enum
 from typing import Any, Sequence
 
-from launcher.config import Config, leaves
+from launcher.config import Config, leaves, yaml_scalar
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    if isinstance(value, Enum):
-        return f"`{value.value}`"
-    if isinstance(value, tuple):
-        return "`[" + ",".join(str(v) for v in value) + "]`"
-    return "(empty)" if value == "" else f"`{value}`"
+    return "(empty)" if value == "" else f"`{yaml_scalar(value)}`"
 
 
 def key_table(schema: type = Config, base: type | None = None) -> str:
@@ -39,7 +32,8 @@ def key_table(schema: type = Config, base: type | None = None) -> str:
 
 def _schema(spec: str) -> type:
     module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+    schema: type = getattr(importlib.import_module(module), name)
+    return schema
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,8 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
-        return self.env.rank == 0
+        """The one process that logs and writes files (global rank 0)."""
+        return self.env.is_main
 
     @property
     def distributed(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from launcher.config import Config, flatten, load_config, replace, to_dict, to_yaml
+from launcher.config import Config, flatten, leaves, load_config, replace, to_dict, to_yaml, yaml_scalar
 from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import CollectiveError, Runtime, configure_determinism, distributed
 from launcher.signals import PREEMPTED_EXIT_CODE, Preempted
@@ -40,12 +40,24 @@ class Fits(Protocol):
 TrainerFactory = Callable[[Task, Runtime, Path], Fits]
 
 
-def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
+def _keys_help(schema: type[Config]) -> str:
+    """Every configuration key with its type, default and documentation, generated from the schema."""
+    lines = ["configuration keys (key=value):"]
+    for leaf in leaves(schema):
+        kind = getattr(leaf.type, "__name__", str(leaf.type))
+        default = yaml_scalar(leaf.default)
+        lines.append(f"  {leaf.key} ({kind}, default {'(empty)' if default == '' else default}): "
+                     f"{leaf.doc.replace('`', '')}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None, prog: str, schema: type[Config] = Config) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train; settings come from --config and key=value overrides (see README).")
+        prog=prog, description="Train; settings come from --config and key=value overrides (see README).",
+        epilog=_keys_help(schema), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML file with settings (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 data.synthetic=true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 optim.lr=0.05")
     return parser.parse_args(argv)
 
 
@@ -117,7 +129,7 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
 
     ``trainer`` replaces the built-in ``Trainer`` (any factory of (task, rt, run_dir) with ``fit()``).
     """
-    args = parse_args(argv, prog or f"python -m trainers.{task.name}")
+    args = parse_args(argv, prog or f"python -m trainers.{task.name}", task.config)
     trainer = trainer or Trainer
     try:
         cfg = load_config(args.config, args.overrides, schema=task.config)
