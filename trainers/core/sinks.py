@@ -14,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from trainers.core.checkpoint import atomic_write_text  # the same temp+fsync+rename discipline
+
 
 class Sink:
     """Where a run reports: ``print`` for humans, ``metric`` for the metrics file, a per-epoch bar.
@@ -87,8 +89,6 @@ def make_sink(is_main: bool, run_dir: Path, progress: str) -> Sink:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records logged after ``last_step`` (work lost to a crash that the resumed run will redo)."""
-    from trainers.core.checkpoint import atomic_write_text  # the same temp+fsync+rename discipline
-
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= last_step]

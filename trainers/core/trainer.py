@@ -319,6 +319,9 @@ class Trainer:
                         f"({self.state.step_in_epoch} steps into the epoch).")
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if "sampler_seed" in state:  # written before the state registry: seed and batch size were top-level
+            state["train_state"] = {**state["train_state"], "seed": state["sampler_seed"],
+                                    "global_batch_size": state["global_batch_size"]}
         saved = state.get("train_state", {})
         if saved.get("step_in_epoch") and saved.get("global_batch_size") != self.cfg.train.batch_size:
             raise ConfigError(
