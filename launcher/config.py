@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,15 +35,21 @@ from launcher.errors import UserError
 class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
 
+    same_on_every_rank = True
+
 
 def setting(default: Any, doc: str, *, choices: Sequence[Any] | None = None, gt: float | None = None,
-            ge: float | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+            ge: float | None = None, check: Callable[[Any], str | None] | None = None,
+            changes_run: bool = True) -> Any:
     """A config leaf: default, one line of documentation, and its validation beside it.
 
     ``choices``: allowed values; ``gt`` / ``ge``: lower bounds (NaN is always rejected);
-    ``check``: a function returning an error message for a bad value, or None.
+    ``check``: a function returning an error message for a bad value, or None;
+    ``changes_run=False``: the key does not change what is trained (workers, logging, where files
+    go), so it is left out of the run's fingerprint and changing it resumes the same run.
     """
-    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "gt": gt, "ge": ge, "check": check}
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "gt": gt, "ge": ge, "check": check,
+            "changes_run": changes_run}
     return field(default=default, metadata=meta)
 
 
@@ -79,11 +87,11 @@ class DataConfig:
     """How batches are loaded; a task adds where its data lives."""
 
     loader: str = setting("dataloader", "`dataloader` (torch DataLoader, any Dataset) or `device` (in-memory "
-                          "tensor splits resident on the device; same batches)", choices=("dataloader", "device"))
-    num_workers: int = setting(2, "DataLoader worker processes per rank (0: load in the main process)", ge=0)
-    pin_memory: bool = setting(True, "page-locked host batches for faster copies to a GPU (ignored on CPU)")
-    persistent_workers: bool = setting(True, "keep DataLoader workers alive between epochs")
-    prefetch_factor: int = setting(2, "batches each worker loads ahead", gt=0)
+                          "tensor splits resident on the device; same batches)", choices=("dataloader", "device"), changes_run=False)
+    num_workers: int = setting(2, "DataLoader worker processes per rank (0: load in the main process)", ge=0, changes_run=False)
+    pin_memory: bool = setting(True, "page-locked host batches for faster copies to a GPU (ignored on CPU)", changes_run=False)
+    persistent_workers: bool = setting(True, "keep DataLoader workers alive between epochs", changes_run=False)
+    prefetch_factor: int = setting(2, "batches each worker loads ahead", gt=0, changes_run=False)
 
 
 @dataclass(frozen=True)
@@ -135,42 +143,46 @@ class SchedConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = setting(1024, "global evaluation batch", gt=0)
+    batch_size: int = setting(1024, "global evaluation batch", gt=0, changes_run=False)
     every_epochs: int = setting(1, "evaluate every N epochs (and always after the last)", gt=0)
 
 
 @dataclass(frozen=True)
 class DistConfig:
     backend: str = setting("auto", "`auto` (nccl with CUDA, else gloo), `nccl` or `gloo`",
-                           choices=("auto", "nccl", "gloo"))
+                           choices=("auto", "nccl", "gloo"), changes_run=False)
     device: str = setting("auto", "`auto` (cuda:LOCAL_RANK when CUDA is available, else cpu), `cuda` or `cpu`",
-                          choices=("auto", "cuda", "cpu"))
+                          choices=("auto", "cuda", "cpu"), changes_run=False)
     timeout_s: float = setting(600.0, "collective timeout: a rank that stops answering fails the job after this, "
-                               "naming the phase", ge=0)
+                               "naming the phase", ge=0, changes_run=False)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_epochs: int = setting(1, "save at the end of every N epochs (0: never)", ge=0)
-    every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0)
-    keep_last: int = setting(3, "newest checkpoints kept on disk", gt=0)
-    keep_best: bool = setting(True, "also keep the checkpoint with the best `best_metric`")
+    every_epochs: int = setting(1, "save at the end of every N epochs (0: never)", ge=0, changes_run=False)
+    every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0, changes_run=False)
+    keep_last: int = setting(3, "newest checkpoints kept on disk", gt=0, changes_run=False)
+    keep_best: bool = setting(True, "also keep the checkpoint with the best `best_metric`", changes_run=False)
     best_metric: str = setting("", "evaluation metric that ranks checkpoints, e.g. `test_acc` (empty: the task's "
-                               "first metric)")
+                               "first metric)", changes_run=False)
     resume: str = setting("auto", "`auto` (newest valid checkpoint in `run.dir`), `never`, or a checkpoint path",
-                          check=_existing_checkpoint)
+                          check=_existing_checkpoint, changes_run=False)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = setting("", "run directory; empty: `runs/<name>-<job id>` (SLURM job id or torchrun run id) or "
-                       "`runs/<name>-<time>`")
-    name: str = setting("", "name used for the default run directory (empty: the task's name)")
+    dir: str = setting("", "run directory; empty: `runs/<name>-<fingerprint>`, a hash of the keys that change "
+                       "the run, so that re-running a command resumes it", changes_run=False)
+    name: str = setting("", "name used for the default run directory (empty: the task's name)", changes_run=False)
     seed: int = setting(0, "seed of the model initialisation, the sample order and random transforms", ge=0)
     deterministic: bool = setting(False, "deterministic kernels (slower; with fp32 on CPU, resume is bit-exact)")
-    log_every: int = setting(50, "optimizer steps between training-loss lines", gt=0)
+    log_every: int = setting(50, "optimizer steps between training-loss lines", gt=0, changes_run=False)
     progress: str = setting("auto", "`auto` (a bar on a terminal, plain lines otherwise), `bar`, `lines`, `quiet`",
-                            choices=("auto", "bar", "lines", "quiet"))
+                            choices=("auto", "bar", "lines", "quiet"), changes_run=False)
+    tensorboard: bool = setting(False, "also write TensorBoard event files into the run directory (needs the "
+                                "`tensorboard` package: pip install -e '.[tensorboard]')", changes_run=False)
+    debug: bool = setting(False, "one process, a few batches per epoch, data loaded in the main process (pdb "
+                          "works), anomaly detection, deterministic kernels, full tracebacks, a model summary")
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,9 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> None:
+        """Rules that span several keys; a task's config overrides this and raises ConfigError."""
 
 
 C = TypeVar("C", bound=Config)
@@ -223,6 +238,15 @@ def leaves(schema: type = Config, prefix: str = "") -> Iterator[Leaf]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         yield Leaf(f"{prefix}{f.name}", hint, default, f.metadata.get("doc", ""), dict(f.metadata))
+
+
+def fingerprint(cfg: Config) -> str:
+    """A short hash of everything that changes what a run trains (keys with ``changes_run=True``).
+
+    The default run directory is named after it: the same command resumes, a changed value starts anew.
+    """
+    values = {leaf.key: yaml_scalar(get(cfg, leaf.key)) for leaf in leaves(type(cfg)) if leaf.meta["changes_run"]}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def schema_keys(schema: type = Config) -> list[str]:
@@ -296,9 +320,12 @@ def _load_file(path: Path, schema: type) -> Any:
         raise ConfigError(f"Config file '{path}' does not exist; pass an existing file with --config "
                           "(the shipped ones are in configs/).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(f"Config file '{path}' is empty (or only comments); put sections in it (train:, optim:, "
+                          "...), or leave out --config to use the defaults.")
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data:, train:, ...).")
     # A section whose keys are all commented out reads as None: treat it as empty, not as a bad key.
@@ -357,6 +384,7 @@ def validate(cfg: Config) -> None:
         if problem:
             example = leaf.meta["choices"][0] if leaf.meta.get("choices") else yaml_scalar(leaf.default)
             raise ConfigError(f"'{leaf.key}' {problem}; set for example {leaf.key}={example}.")
+    cfg.check()
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

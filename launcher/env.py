@@ -60,6 +60,8 @@ _SLURM_HINT = (
 class LaunchError(UserError, ValueError):
     """Inconsistent or unusable launch environment; the message says what to change."""
 
+    same_on_every_rank = True
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -91,9 +93,9 @@ class DistEnv:
     # Facts about the launching agent that the runtime needs (read here: the only module that reads
     # the environment).
     restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: which torchrun restart attempt this is
-    max_restarts: int = 0  # TORCHELASTIC_MAX_RESTARTS
     agent_store: bool = False  # TORCHELASTIC_USE_AGENT_STORE: torchrun's agent hosts the rendezvous store
     gpus_per_task: bool = False  # SLURM_GPUS_PER_TASK: srun binds each task to its own GPU(s)
+    requeue_count: int = 0  # SLURM_RESTART_COUNT: how often SLURM requeued this job
 
     @property
     def is_distributed(self) -> bool:
@@ -119,9 +121,9 @@ class DistEnv:
         else:
             env = _single(environ)
         return replace(env, restart_count=_opt_int(environ, "TORCHELASTIC_RESTART_COUNT") or 0,
-                       max_restarts=_opt_int(environ, "TORCHELASTIC_MAX_RESTARTS") or 0,
                        agent_store=_get(environ, "TORCHELASTIC_USE_AGENT_STORE") == "True",
-                       gpus_per_task=_get(environ, "SLURM_GPUS_PER_TASK") is not None)
+                       gpus_per_task=_get(environ, "SLURM_GPUS_PER_TASK") is not None,
+                       requeue_count=_opt_int(environ, "SLURM_RESTART_COUNT") or 0)
 
     def contract(self) -> dict[str, str]:
         """Torchrun-style variables describing this process, ready for ``os.environ.update``.
@@ -139,6 +141,33 @@ class DistEnv:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
         }
+
+
+#: Set to 1 to see Python tracebacks for user errors too (they normally get a one-paragraph message).
+TRACEBACK_VARIABLE = "DISTLAUNCH_TRACEBACK"
+
+
+def tracebacks_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the user asked for full tracebacks of user errors (``DISTLAUNCH_TRACEBACK=1``)."""
+    return (_get(os.environ if environ is None else environ, TRACEBACK_VARIABLE) or "0") not in ("0", "false")
+
+
+def elastic_error_file(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where torchrun wants a worker's error written (TORCHELASTIC_ERROR_FILE), so its summary names it."""
+    return _get(os.environ if environ is None else environ, "TORCHELASTIC_ERROR_FILE")
+
+
+def probable_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank as the launcher's variables say, without validating them (0 if unknown).
+
+    For reporting an error before (or instead of) a full resolution: only rank 0 reports errors that
+    every rank hits alike."""
+    environ = os.environ if environ is None else environ
+    for name in ("RANK", "SLURM_PROCID"):
+        value = _get(environ, name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def check_devices(env: DistEnv, visible_gpus: int) -> None:

@@ -13,6 +13,14 @@ USAGE_EXIT_CODE = 2
 class UserError(Exception):
     """Bad input that the user can fix; ``str(error)`` names the problem and the fix."""
 
+    #: True when every rank meets the same error (a bad key, a checkpoint they all read): then only
+    #: rank 0 reports it. Otherwise each rank that fails reports it, prefixed with its rank.
+    same_on_every_rank: bool = False
+
 
 class DatasetUnavailable(UserError):
     """A dataset is missing or unreadable and could not be fetched; the message names the fix."""
+
+    def __init__(self, message: str, same_on_every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank

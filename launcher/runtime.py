@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import threading
 from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -114,6 +116,18 @@ class Runtime:
             dist.all_gather_object(out, obj, group=self.control)
         return out
 
+    def describe_devices(self) -> str:
+        """Every rank's device in one line, e.g. 'cuda NVIDIA H100 @ node1 (ranks 0-7); ...' (a collective)."""
+        if self.device.type == "cuda":  # without the GPU index, so that the ranks of a node compact into one
+            mine = f"cuda {torch.cuda.get_device_name(self.device)} @ {socket.gethostname()}"
+        else:
+            mine = f"cpu @ {socket.gethostname()}"
+        seen: dict[str, list[int]] = {}
+        for rank, dev in enumerate(self.gather_objects(mine, "start-up")):
+            seen.setdefault(dev, []).append(rank)
+        return "; ".join(f"{dev} (rank {r[0]})" if len(r) == 1 else f"{dev} (ranks {r[0]}-{r[-1]})"
+                         for dev, r in seen.items())
+
     def broadcast_object(self, obj: T, name: str) -> T:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
@@ -173,9 +187,58 @@ def _rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
     attempt's keys (gloo peer addresses of dead processes) and fail to connect. Prefixing the keys
     with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
     """
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout, multi_tenant=True)
+    store = _with_deadline(lambda: dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                                                 is_master=env.rank == 0 and not env.agent_store, timeout=timeout,
+                                                 multi_tenant=True), timeout.total_seconds() + STORE_GRACE_S)
     return dist.PrefixStore(f"attempt-{env.restart_count}", store)
+
+
+#: Extra seconds a store connection gets beyond dist.timeout_s before the rank gives up on it.
+STORE_GRACE_S = 5.0
+
+
+def _with_deadline(make: Callable[[], T], seconds: float) -> T:
+    """``make()``, or TimeoutError after ``seconds``.
+
+    A TCPStore client that reaches a port where something else listens (a busy port, a stale
+    process) connects and then waits for a handshake reply forever, whatever its timeout; so the
+    connection is made in a daemon thread (torch releases the GIL there) that is abandoned if it
+    does not answer, and the process can exit with a clear error.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name="rendezvous", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer from the rendezvous store within {seconds:g}s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _rendezvous_problem(env: DistEnv, error: Exception, timeout: timedelta) -> LaunchError:
+    """Why the ranks could not meet, and what to change; reported by each rank (the causes differ)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = f"{env.master_addr}:{env.master_port}"
+    if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
+        problem = LaunchError(
+            f"The rendezvous port {where} is already in use (another job, or a leftover process of an earlier run). "
+            "Pick a free port: export MASTER_PORT=<port> (srun, sbatch), or torchrun --master_port / --rdzv-endpoint.")
+    else:
+        problem = LaunchError(
+            f"Rank {env.rank} of {env.world_size} could not meet the other ranks at {where} within dist.timeout_s="
+            f"{timeout.total_seconds():g}s ({detail}). A rank that failed to start (its own log says why), a "
+            "rank that was never launched, or a MASTER_ADDR/MASTER_PORT that points elsewhere keeps the others "
+            "waiting; fix that and re-run.")
+    problem.same_on_every_rank = False
+    return problem
 
 
 def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeout: timedelta) -> Any:
@@ -183,9 +246,12 @@ def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeou
     # RANK/WORLD_SIZE works the same after SLURM or submitit.
     os.environ.update(env.contract())
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, store=_rendezvous_store(env, timeout), rank=env.rank,
-                            world_size=env.world_size, timeout=timeout, **kwargs)
-    return dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    try:
+        dist.init_process_group(backend=backend, store=_rendezvous_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout, **kwargs)
+        return dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    except (dist.DistError, RuntimeError, TimeoutError) as e:  # a busy port, a peer that never arrives
+        raise _rendezvous_problem(env, e, timeout) from e
 
 
 @contextmanager
@@ -193,6 +259,7 @@ def distributed(cfg: DistConfig, environ: Mapping[str, str] | None = None) -> It
     """Resolve the launch, bind the device, start the process group; always tear it down."""
     env = DistEnv.from_environ(environ)
     device = choose_device(env, cfg)
+    choose_backend(device, cfg)  # a backend that cannot work on this device fails here, before any rendezvous
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group, so NCCL never touches GPU 0 by mistake
     rt = Runtime(env=env, device=device, backend=None, timeout_s=cfg.timeout_s)

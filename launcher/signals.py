@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -16,8 +17,16 @@ from typing import Any
 #: again"). A scheduler or wrapper seeing it should requeue or re-launch the same command.
 PREEMPTED_EXIT_CODE = 75
 
-#: SIGTERM: SLURM preemption/time limit and torchrun shutdown; SIGUSR1/SIGUSR2: SLURM's --signal.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+#: SIGTERM: SLURM preemption/time limit and torchrun shutdown; SIGUSR1/SIGUSR2: SLURM's --signal;
+#: SIGINT: Ctrl-C (a second Ctrl-C interrupts at once).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+#: A second SIGINT this soon after the first is the same Ctrl-C arriving twice (from the terminal and
+#: again forwarded by torchrun's agent), not the user pressing it again.
+SIGINT_REPEAT_S = 1.0
+
+#: Exit status after an immediate interrupt (a second Ctrl-C): 128 + SIGINT, as shells report it.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class Preempted(Exception):
@@ -30,6 +39,7 @@ class StopFlag:
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.signals = signals
         self.received: signal.Signals | None = None
+        self._at = 0.0
         self._previous: dict[signal.Signals, Any] = {}
 
     @property
@@ -40,6 +50,9 @@ class StopFlag:
         # Only a store: no I/O, no locks, nothing that could deadlock in a handler.
         if self.received is None:
             self.received = signal.Signals(signum)
+            self._at = time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._at > SIGINT_REPEAT_S:
+            raise KeyboardInterrupt  # Ctrl-C again: the user does not want to wait for the checkpoint
 
     def install(self) -> "StopFlag":
         # Handlers can only be set from the main thread (e.g. not inside some notebook runners).

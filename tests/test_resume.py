@@ -92,12 +92,25 @@ def test_sigkill_while_checkpoint_is_written_keeps_previous_and_resumes(tmp_path
     proc = subprocess.Popen([PYTHON, "-m", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
-    def writing_second() -> bool:
+    def writing() -> bool:
         names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
-        return any(n.startswith("step-") for n in names) and any(".tmp" in n for n in names) \
-            or proc.poll() is not None
+        return any(n.startswith("step-") for n in names) and any(".tmp" in n for n in names)
 
-    wait_for(writing_second, 240, "a checkpoint write after the first checkpoint", poll=0.001)
+    def frozen_mid_write() -> bool:
+        """Freeze the process when it is seen writing a checkpoint after the first one. The write may
+        complete between the look and the freeze, so look again while it is frozen; if it had
+        completed, let it run on to the next write (one per step)."""
+        if proc.poll() is not None:
+            return True
+        if not writing():
+            return False
+        proc.send_signal(signal.SIGSTOP)
+        if writing():
+            return True
+        proc.send_signal(signal.SIGCONT)
+        return False
+
+    wait_for(frozen_mid_write, 240, "a checkpoint write after the first checkpoint", poll=0.001)
     proc.kill()
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-write"

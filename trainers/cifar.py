@@ -8,12 +8,18 @@ one process, under torchrun or accelerate launch, and under srun/submitit.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+
+from trainers.cifar_config import CifarConfig
+from trainers.core.cli import exit_on_help
+
+if __name__ == "__main__":
+    exit_on_help(CifarConfig, "python -m trainers.cifar")  # --help answers at once: no torch imported yet
+
+# The heavy imports come after the --help check on purpose.
 from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from launcher.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, redefault, setting
 from launcher.runtime import Runtime
 from trainers.cifar_data import (CIFAR10_MEAN, CIFAR10_STD, ArrayDataset, DatasetUnavailable, download_cifar10,
                                  load_cifar10, synthetic_cifar10)
@@ -23,42 +29,6 @@ from trainers.models import build_model
 
 #: The synthetic dataset is fixed (not tied to run.seed): changing the seed must not change the data.
 SYNTHETIC_SEED = 1234
-
-
-@dataclass(frozen=True)
-class CifarData(DataConfig):
-    root: str = setting("data", "folder that holds (or will receive) `cifar-10-batches-py`")
-    synthetic: bool = setting(False, "use a generated, learnable CIFAR-shaped dataset instead of the real one")
-    synthetic_fallback: bool = setting(False, "if the real dataset cannot be read or downloaded, use synthetic "
-                                       "data (with a warning)")
-    download: bool = setting(True, "download the real dataset (torchvision) when it is missing")
-    synthetic_train_size: int = setting(50_000, "synthetic training samples", gt=0)
-    synthetic_test_size: int = setting(10_000, "synthetic test samples", gt=0)
-
-
-@dataclass(frozen=True)
-class CifarModel(ModelConfig):
-    name: str = setting("resnet18", "`resnet18` (32x32 variant: 3x3 stem, no max-pool) or `tiny` (a small CNN for "
-                        "tests and demos)", choices=("resnet18", "tiny"))
-    width: int = setting(64, "channels of the first stage (`tiny` only; `resnet18` keeps 64)", gt=0)
-
-
-@dataclass(frozen=True)
-class CifarTrain(TrainConfig):
-    augment: bool = setting(True, "random crop (pad 4) and horizontal flip, as batched tensor ops on the device")
-
-
-@dataclass(frozen=True)
-class CifarOptim(OptimConfig):
-    lr: float = redefault(OptimConfig, "lr", 0.2)
-
-
-@dataclass(frozen=True)
-class CifarConfig(Config):
-    data: CifarData = field(default_factory=CifarData)
-    model: CifarModel = field(default_factory=CifarModel)
-    train: CifarTrain = field(default_factory=CifarTrain)
-    optim: CifarOptim = field(default_factory=CifarOptim)
 
 
 def _agree(rt: Runtime, step: str, action: Callable[[], None]) -> str | None:
@@ -82,6 +52,7 @@ class CifarTask(Task[CifarConfig]):
         super().__init__(cfg)
         self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
         self.augment: Augment | None = None
+        self.source = ""  # which data this run trains on, for the start-up table
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.model.name, self.cfg.model.width)
@@ -90,7 +61,11 @@ class CifarTask(Task[CifarConfig]):
         train, test = self._load(rt)
         if self.cfg.train.augment:
             self.augment = Augment(len(train))
+        self.source += f": {len(train):,} train / {len(test):,} test images"
         return train, test
+
+    def describe(self) -> dict[str, str]:
+        return {"data": self.source}
 
     def transform(self, batch: Any, info: BatchInfo) -> Any:
         images, labels = batch
@@ -102,6 +77,7 @@ class CifarTask(Task[CifarConfig]):
     def _load(self, rt: Runtime) -> tuple[ArrayDataset, ArrayDataset]:
         data = self.cfg.data
         if data.synthetic:
+            self.source = "synthetic (data.synthetic=true)"
             return self._synthetic()
         splits: list[ArrayDataset] = []
 
@@ -115,12 +91,14 @@ class CifarTask(Task[CifarConfig]):
 
         error = _agree(rt, "dataset download", fetch) or _agree(rt, "dataset loading", read)
         if error is None:
+            self.source = f"real CIFAR-10 from {data.root}"
             return splits[0], splits[1]
         if not data.synthetic_fallback:
-            raise DatasetUnavailable(error)
+            raise DatasetUnavailable(error, same_on_every_rank=True)  # the ranks agreed on it
         if rt.is_main:
             print(f"warning: {error}\nUsing synthetic CIFAR-shaped data instead (data.synthetic_fallback=true).",
                   file=sys.stderr)
+        self.source = "synthetic (fallback: the real dataset is not available)"
         return self._synthetic()
 
     def _synthetic(self) -> tuple[ArrayDataset, ArrayDataset]:

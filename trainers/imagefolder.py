@@ -10,10 +10,15 @@ into uint8 tensors, seeded per sample so that resume is exact; normalisation run
 
 from __future__ import annotations
 
-import difflib
 import sys
-from dataclasses import dataclass, field
-from functools import lru_cache
+
+from trainers.core.cli import exit_on_help
+from trainers.imagefolder_config import FolderConfig
+
+if __name__ == "__main__":
+    exit_on_help(FolderConfig, "python -m trainers.imagefolder")  # --help answers at once: no torch imported yet
+
+# The heavy imports come after the --help check on purpose.
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,61 +27,11 @@ import torchvision.models
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from launcher.config import Config, DataConfig, ModelConfig, setting
 from launcher.errors import DatasetUnavailable
 from launcher.runtime import Runtime
 from trainers.core import Accuracy, BatchInfo, MeanLoss, Metric, Task, run_task
 from trainers.core.data import Normalize
 from trainers.models import tiny_cnn
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@lru_cache(maxsize=1)
-def classification_models() -> tuple[str, ...]:
-    """Names of torchvision's classification model builders."""
-    return tuple(torchvision.models.list_models(module=torchvision.models))
-
-
-def _known_model(name: str) -> str | None:
-    if name == "tiny" or name in classification_models():
-        return None
-    close = difflib.get_close_matches(name, classification_models(), n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return (f"is not a torchvision classification model nor 'tiny'; {hint}"
-            "torchvision.models.list_models() lists the names (resnet18, resnet50, mobilenet_v3_small, vit_b_16, ...)")
-
-
-def _required(value: str) -> str | None:
-    return None if value else "is required: the folder that holds train/ and val/ (one sub-folder per class)"
-
-
-@dataclass(frozen=True)
-class FolderData(DataConfig):
-    root: str = setting("", "folder with `train/` and `val/`, each holding one sub-folder of images per class",
-                        check=_required)
-    image_size: int = setting(224, "side of the training crop and of the evaluation centre crop, in pixels", gt=0)
-    resize: float = setting(1.143, "evaluation: resize the short side to `image_size` x this, then centre-crop",
-                            ge=1)
-    crop_scale_min: float = setting(0.08, "smallest area fraction of the random resized crop (training)", gt=0)
-    hflip: bool = setting(True, "random horizontal flip (training)")
-    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, "per-channel mean for normalisation, in [0, 1]")
-    std: tuple[float, float, float] = setting(IMAGENET_STD, "per-channel std for normalisation, in [0, 1]")
-
-
-@dataclass(frozen=True)
-class FolderModel(ModelConfig):
-    name: str = setting("resnet18", "a torchvision classification model (`resnet50`, `mobilenet_v3_small`, "
-                        "`vit_b_16`, ...) or `tiny`", check=_known_model)
-    width: int = setting(32, "channels of the first stage (`tiny` only)", gt=0)
-
-
-@dataclass(frozen=True)
-class FolderConfig(Config):
-    data: FolderData = field(default_factory=FolderData)
-    model: FolderModel = field(default_factory=FolderModel)
-
 
 def _split(root: Path, name: str, transform: Any) -> Any:
     folder = root / name
@@ -100,6 +55,7 @@ class ImageFolderTask(Task[FolderConfig]):
         super().__init__(cfg)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std)
         self.classes: list[str] = []
+        self.source = ""
 
     def build_data(self, rt: Runtime) -> tuple[Any, Any]:
         data, root = self.cfg.data, Path(self.cfg.data.root)
@@ -115,7 +71,11 @@ class ImageFolderTask(Task[FolderConfig]):
             raise DatasetUnavailable(f"train/ and val/ under {root} have different class folders (only in one: "
                                      f"{', '.join(only[:10])}); give both the same class sub-folders.")
         self.classes = train.classes
+        self.source = f"{root}: {len(train):,} train / {len(val):,} val images, {len(self.classes)} classes"
         return train, val
+
+    def describe(self) -> dict[str, str]:
+        return {"data": self.source}
 
     def build_model(self) -> nn.Module:
         name, n = self.cfg.model.name, len(self.classes)

@@ -29,6 +29,12 @@ class Amp:
         # Only fp16 has too little range for small gradients; bf16 has fp32's exponent.
         self.scaler = torch.amp.GradScaler(device.type) if precision is Precision.fp16 else None
 
+    def describe(self) -> str:
+        """One line for the start-up table."""
+        if self.dtype is None:
+            return "fp32"
+        return f"{self.precision.value} autocast on {self.device_type}" + (" + GradScaler" if self.scaler else "")
+
     def autocast(self) -> ContextManager[Any]:
         if self.dtype is None:
             return contextlib.nullcontext()

@@ -58,6 +58,8 @@ _ZIP_TAIL = 22 + 65535  # the zip end record plus its longest possible comment
 class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was expected; message names files and the fix."""
 
+    same_on_every_rank = True  # every rank reads the same files
+
 
 class _Unusable(Exception):
     """A checkpoint file failed verification; ``str()`` is the reason, phrased for a log line."""
@@ -283,6 +285,11 @@ class CheckpointManager:
             return pointed
         files = self.list()
         return files[-1] if files else None
+
+    def best_entry(self) -> dict[str, Any] | None:
+        """The manifest entry (file, step, metric, ...) of the best existing checkpoint, or None."""
+        best = self.best_path()
+        return self._read_manifest().get(best.name) if best is not None else None
 
     def best_path(self) -> Path | None:
         """The existing checkpoint with the highest recorded metric (newest on ties), else None."""

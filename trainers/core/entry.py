@@ -1,30 +1,32 @@
-"""The recipe every task's ``main()`` follows: config, runtime, run directory, trainer, exit code.
+"""The recipe every task's ``main()`` follows: config, checks, runtime, run directory, trainer, exit code.
 
     def main(argv=None) -> int:
         return run_task(MyTask, argv)
 
-User errors (``launcher.errors.UserError``: config, launch environment, data, checkpoint) become one
-message and exit status 2 here, in one place.
+Errors reach the user here, in one place: a ``launcher.errors.UserError`` (config, launch environment,
+data, checkpoint) becomes its one-paragraph message and exit status 2, without a traceback unless
+``run.debug=true`` or ``DISTLAUNCH_TRACEBACK=1``; a failed collective becomes exit status 3.
 """
 
 from __future__ import annotations
 
-import argparse
-import socket
+import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from launcher.config import Config, flatten, leaves, load_config, replace, to_dict, to_yaml, yaml_scalar
+from launcher.config import Config, fingerprint, load_config, replace, to_yaml
+from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, tracebacks_requested
 from launcher.errors import USAGE_EXIT_CODE, UserError
-from launcher.runtime import CollectiveError, Runtime, configure_determinism, distributed
-from launcher.signals import PREEMPTED_EXIT_CODE, Preempted
-from trainers.core.checkpoint import atomic_write_text
+from launcher.runtime import (CollectiveError, Runtime, choose_backend, choose_device, configure_determinism,
+                              distributed)
+from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted
+from trainers.core.cli import parse_args
+from trainers.core.data import per_rank_batch
 from trainers.core.task import Task
 from trainers.core.trainer import Trainer
 
@@ -40,110 +42,93 @@ class Fits(Protocol):
 TrainerFactory = Callable[[Task, Runtime, Path], Fits]
 
 
-def _keys_help(schema: type[Config]) -> str:
-    """Every configuration key with its type, default and documentation, generated from the schema."""
-    lines = ["configuration keys (key=value):"]
-    for leaf in leaves(schema):
-        kind = getattr(leaf.type, "__name__", str(leaf.type))
-        default = yaml_scalar(leaf.default)
-        lines.append(f"  {leaf.key} ({kind}, default {'(empty)' if default == '' else default}): "
-                     f"{leaf.doc.replace('`', '')}")
-    return "\n".join(lines)
+def default_run_dir(cfg: Config, task_name: str) -> Path:
+    """runs/<name>-<fingerprint>: a pure function of what the command trains, so re-running it resumes."""
+    return Path("runs") / f"{cfg.run.name or task_name}-{fingerprint(cfg)}"
 
 
-def parse_args(argv: Sequence[str] | None, prog: str, schema: type[Config] = Config) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Train; settings come from --config and key=value overrides (see README).",
-        epilog=_keys_help(schema), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file with settings (configs/*.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 optim.lr=0.05")
-    return parser.parse_args(argv)
-
-
-def resolve_run_dir(cfg: Config, rt: Runtime, task_name: str) -> Path:
-    """run.dir, or runs/<name>-<job id or time>, chosen by rank 0 so that every rank agrees."""
-    if cfg.run.dir:
-        return Path(cfg.run.dir)
-    # A job id is stable across requeues and torchrun restarts, so those resume automatically.
-    suffix = rt.env.job_id or time.strftime("%Y%m%d-%H%M%S")
-    if rt.env.job_id is None and rt.env.max_restarts > 0 and rt.is_main:
-        print("warning: torchrun has --max-restarts but no --rdzv-id (or --standalone), so a restarted group "
-              "would pick a new run directory and start over; set run.dir or --rdzv-id.", file=sys.stderr)
-    return Path(rt.broadcast_object(f"runs/{cfg.run.name or task_name}-{suffix}", "run directory"))
-
-
-def startup_table(cfg: Config, rt: Runtime, devices: list[str], task_name: str) -> Table:
-    """Task, launch mode, world, backend, devices and the resolved config, as one compact table."""
-    env = rt.env
-    table = Table(title="run", show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("task", task_name)
-    table.add_row("launch", f"{env.launcher}  (rank 0 on {socket.gethostname()})")
-    table.add_row("world", f"{env.world_size} rank(s) = {env.num_nodes} node(s) x {env.local_world_size}")
-    table.add_row("backend", f"{rt.backend or 'none (single process)'}"
-                  + (f"  master {env.master_addr}:{env.master_port}" if rt.distributed else ""))
-    table.add_row("devices", _compact(devices))
-    for key, value in flatten(to_dict(cfg)):
-        table.add_row(key, str(value))
-    return table
-
-
-def _compact(devices: list[str]) -> str:
-    """'cuda H100 @ node1 (ranks 0-7)' style summary: one entry per distinct device description."""
-    seen: dict[str, list[int]] = {}
-    for rank, dev in enumerate(devices):
-        seen.setdefault(dev, []).append(rank)
-    return "; ".join(f"{dev} (rank {r[0]})" if len(r) == 1 else f"{dev} (ranks {r[0]}-{r[-1]})"
-                     for dev, r in seen.items())
-
-
-def _describe_device(device: torch.device) -> str:
-    # Without the GPU index, so that the ranks of a node compact into one "(ranks 0-7)" entry.
-    if device.type == "cuda":
-        return f"cuda {torch.cuda.get_device_name(device)} @ {socket.gethostname()}"
-    return f"cpu @ {socket.gethostname()}"
+def check_before_launch(cfg: Config, env: DistEnv) -> None:
+    """Everything that can fail on its own before the process group starts, checked on every rank,
+    so that no rank waits in a rendezvous for a rank that already gave up."""
+    per_rank_batch(cfg.train.batch_size, env.world_size, cfg.train.grad_accum)
+    choose_backend(choose_device(env, cfg.dist), cfg.dist)  # dist.device=cuda or nccl without a GPU
+    if cfg.run.debug and env.world_size > 1:
+        raise LaunchError(f"run.debug=true runs one process (breakpoints, pdb), but this launch has {env.world_size} "
+                          f"ranks ({env.launcher}); start it with plain python, or drop run.debug.")
 
 
 def _train(cfg: Config, rt: Runtime, task_cls: type[Task], trainer: TrainerFactory) -> dict[str, Any]:
-    configure_determinism(cfg.run.deterministic)
-    run_dir = resolve_run_dir(cfg, rt, task_cls.name)
-    cfg = replace(cfg, run={"dir": str(run_dir)})
-    devices = rt.gather_objects(_describe_device(rt.device), "start-up")
+    configure_determinism(cfg.run.deterministic or cfg.run.debug)
+    if cfg.run.debug:
+        torch.autograd.set_detect_anomaly(True)  # a NaN names the operation that made it
+    run_dir = Path(cfg.run.dir)
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        Console(highlight=False).print(startup_table(cfg, rt, devices, task_cls.name))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".writable").touch()
+            (run_dir / ".writable").unlink()
+        except OSError as e:
+            raise UserError(f"The run directory {run_dir} cannot be written ({e.strerror or e}); choose another "
+                            "with run.dir=PATH, or fix its permissions.") from None
     rt.barrier("run directory")
-    summary = trainer(task_cls(cfg), rt, run_dir).fit()
-    if rt.is_main:
-        scores = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_") and isinstance(v, float))
-        print(f"done: {scores} after {summary.get('global_step')} steps; outputs in {run_dir}")
-    return summary
+    return trainer(task_cls(cfg), rt, run_dir).fit()
+
+
+def _report(error: BaseException, cfg: Config | None) -> None:
+    """One message per error: rank 0 reports what every rank meets; other ranks say who they are."""
+    rank = probable_rank()
+    debug = tracebacks_requested() or (cfg is not None and cfg.run.debug)
+    same = isinstance(error, UserError) and error.same_on_every_rank
+    if rank != 0 and same and not debug:
+        return
+    prefix = f"rank {rank}: " if rank else ""
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"{prefix}error: {error}", file=sys.stderr)
+
+
+def _record_for_torchrun(error: BaseException) -> None:
+    """torchrun's failure summary then shows this message as the root cause instead of "error_file: <N/A>"
+    (the file format is torch.distributed.elastic's error record; the message stands in for the traceback)."""
+    path = elastic_error_file()
+    if path:
+        text = f"{type(error).__name__}: {error}"
+        record = {"message": {"message": text, "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}}
+        Path(path).write_text(json.dumps(record))
 
 
 def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: TrainerFactory | None = None,
              prog: str | None = None) -> int:
-    """Parse, launch, train ``task``; returns the process exit code (0, 2, 3 or PREEMPTED_EXIT_CODE).
+    """Parse, check, launch and train ``task``; returns the process exit code.
 
+    0 finished; 2 a user error (the message says what to change); 3 another rank failed or timed out;
+    75 stopped by a signal after writing a checkpoint (re-run to resume); 130 interrupted at once.
     ``trainer`` replaces the built-in ``Trainer`` (any factory of (task, rt, run_dir) with ``fit()``).
     """
     args = parse_args(argv, prog or f"python -m trainers.{task.name}", task.config)
-    trainer = trainer or Trainer
+    cfg: Config | None = None
     try:
         cfg = load_config(args.config, args.overrides, schema=task.config)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        env = DistEnv.from_environ()
+        check_before_launch(cfg, env)
+        cfg = replace(cfg, run={"dir": cfg.run.dir or str(default_run_dir(cfg, task.name))})
         with distributed(cfg.dist) as rt:
-            _train(cfg, rt, task, trainer)
+            _train(cfg, rt, task, trainer or Trainer)
         return 0
     except Preempted:
         return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once, without a new checkpoint (the previous ones are kept); re-run the "
+              "same command to resume from the last one.", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e, cfg)
+        _record_for_torchrun(e)
         return USAGE_EXIT_CODE
     except CollectiveError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e, cfg)
+        _record_for_torchrun(e)
         return COLLECTIVE_EXIT_CODE

@@ -19,7 +19,8 @@ EVAL_EPOCH = -1
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DeviceLoader | HostLoader, task: Task, metrics: dict[str, Metric],
-             rt: Runtime, amp: Amp, seed: int, prepare: Callable[[Any], Any] = lambda b: b) -> dict[str, Any]:
+             rt: Runtime, amp: Amp, seed: int, prepare: Callable[[Any], Any] = lambda b: b,
+             max_batches: int | None = None) -> dict[str, Any]:
     """``test_<name>`` for every metric, and ``test_samples``, over this rank's shard and then all ranks.
 
     No collective runs per batch (shards differ in length by up to one batch); the sums of all
@@ -30,7 +31,9 @@ def evaluate(model: nn.Module, loader: DeviceLoader | HostLoader, task: Task, me
     views = list(sums[:-1].split(sizes))
     model.eval()
     try:
-        for batch, index in loader.epoch(seed, EVAL_EPOCH):
+        for i, (batch, index) in enumerate(loader.epoch(seed, EVAL_EPOCH)):
+            if max_batches is not None and i >= max_batches:  # run.debug: a quick look, not a full pass
+                break
             batch = prepare(task.transform(batch, BatchInfo(index, EVAL_EPOCH, seed, train=False)))
             with amp.autocast():
                 outputs = task.forward(model, batch)

@@ -52,7 +52,15 @@ class ModelState:
         return strip_prefixes(unwrap(self.model).state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unwrap(self.model).load_state_dict(strip_prefixes(state))
+        try:
+            unwrap(self.model).load_state_dict(strip_prefixes(state))
+        except RuntimeError as e:  # missing, unexpected or differently shaped weights
+            details = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+            raise CheckpointError(
+                f"The checkpoint's weights do not fit this model ({details} ...): it was written by a run of a "
+                "different model (model.name, model.width, number of classes). Resume it with the settings it was "
+                "written with, start fresh in a new run.dir, or take what fits with model.init_from=PATH."
+            ) from None
 
 
 class Registry:

@@ -124,6 +124,10 @@ class Task(Generic[C]):
         """Default: ``sched.*`` (stepped after every optimizer step)."""
         return build_scheduler(self.cfg.sched, optimizer, steps_per_epoch, total_steps)
 
+    def describe(self) -> dict[str, str]:
+        """Extra rows for the start-up table, e.g. ``{"data": "real CIFAR-10 at data/"}`` (after build_data)."""
+        return {}
+
     # ------------------------------------------------------------------ extra checkpointed state
     def state(self) -> dict[str, Stateful]:
         """Objects saved in every checkpoint and restored on resume, by name (default: none)."""

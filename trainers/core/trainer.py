@@ -11,6 +11,7 @@ only file writes and printing are rank-0-only (and hold no collective).
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,19 +19,36 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from launcher.config import ConfigError, to_dict
+import yaml
+
+from launcher.config import ConfigError, flatten, to_dict, to_yaml
 from launcher.runtime import Runtime, seed_everything
 from launcher.signals import Preempted, StopFlag
 from trainers.core.amp import Amp
-from trainers.core.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state, strip_prefixes
+from trainers.core.checkpoint import (CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state,
+                                     strip_prefixes)
 from trainers.core.data import (DeviceLoader, EvalShard, HostLoader, ResumableDistributedSampler, chunk,
                                 make_loader, per_rank_batch, tree_map)
 from trainers.core.evaluation import describe, evaluate
 from trainers.core.parallel import convert_sync_batchnorm, maybe_no_sync, unwrap, wrap_ddp
 from trainers.core.pretrained import freeze, init_from
-from trainers.core.sinks import make_sink, truncate_metrics
+from trainers.core.sinks import key_value_table, make_sink, truncate_metrics
+from trainers.core.summary import model_summary
 from trainers.core.state import ModelState, Registry, TrainState
 from trainers.core.task import BatchInfo, Task
+
+
+#: run.debug=true trains and evaluates this many batches per epoch.
+DEBUG_BATCHES = 4
+
+
+def _changed_keys(path: Path, config: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every key of ``config`` that differs from the YAML file at ``path``."""
+    try:
+        old = dict(flatten(yaml.safe_load(path.read_text()) or {}))
+    except (OSError, yaml.YAMLError):
+        return []
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in flatten(config) if old.get(k, v) != v and k != "run.dir"]
 
 
 class Trainer:
@@ -40,7 +58,8 @@ class Trainer:
         self.task, self.cfg, self.rt, self.run_dir = task, task.cfg, rt, run_dir
         cfg = self.cfg
         self.stop = stop or StopFlag()
-        self.sink = make_sink(rt.is_main, run_dir, cfg.run.progress)
+        self.started = time.perf_counter()
+        self.sink = make_sink(rt.is_main, run_dir, cfg.run.progress, cfg.run.tensorboard)
         self.state = TrainState(seed=cfg.run.seed, global_batch_size=cfg.train.batch_size)
         per_rank_batch(cfg.train.batch_size, rt.world_size, cfg.train.grad_accum)  # raises if it does not divide
         self.rank_batch = cfg.train.batch_size // rt.world_size  # split further into grad_accum micro-batches
@@ -63,11 +82,14 @@ class Trainer:
         self.window = torch.zeros((), device=rt.device)  # this rank's loss sum since the last log line
         self.window_steps = 0
         self.timing = [0, 0.0]  # (steps, seconds) of training since the last log line
+        self.trained = [0, 0.0]  # (steps, seconds) of training in this process, for the final summary
+        self.resumed_from: Path | None = None
 
     # ----------------------------------------------------------------------------------- building
     def _loader(self, dataset: Any, sampler: Any, batch: int, train: bool) -> DeviceLoader | HostLoader:
         data = self.cfg.data
-        return make_loader(data.loader, dataset, sampler, batch, train, self.rt.device, data.num_workers,
+        workers = 0 if self.cfg.run.debug else data.num_workers  # debug: breakpoints in the Dataset work
+        return make_loader(data.loader, dataset, sampler, batch, train, self.rt.device, workers,
                            pin_memory=data.pin_memory, persistent_workers=data.persistent_workers and train,
                            prefetch_factor=data.prefetch_factor)
 
@@ -117,7 +139,8 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
+        steps = self.sampler.steps_per_epoch
+        return min(steps, DEBUG_BATCHES) if self.cfg.run.debug else steps
 
     @property
     def total_steps(self) -> int:
@@ -127,12 +150,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop signal, raising ``Preempted``); returns the final metrics."""
-        self.resume()
-        result: dict[str, Any] = {}
-        # Signals become a flag only while the loop can act on it; during start-up (imports, process
-        # group, data) they keep their default effect, so a launcher's SIGTERM ends the process at once.
-        self.stop.install()
         try:
+            self.resume()
+            self._announce()
+            result: dict[str, Any] = {}
+            # Signals become a flag only while the loop can act on it; during start-up (imports, process
+            # group, data) they keep their default effect, so a launcher's SIGTERM ends the process at once.
+            self.stop.install()
+            self.sink.start(self.total_steps, self.state.global_step)
             while not self._finished():
                 self.train_epoch(self.state.epoch)
                 result = self._end_of_epoch()
@@ -140,10 +165,63 @@ class Trainer:
                 result = self.evaluate()
             self.save(final=True, metric=self._best_value(result))
             self._save_model()
+            self.sink.stop()
+            self._summary(result)
         finally:
             self.stop.restore()
             self.sink.close()
         return {**result, "global_step": self.state.global_step}
+
+    def _announce(self) -> None:
+        """The start-up table, the ``start`` record and config.yaml, once every check has passed."""
+        env, devices = self.rt.env, self.rt.describe_devices()
+        if not self.rt.is_main:
+            return
+        config = to_dict(self.cfg)
+        changed = _changed_keys(self.run_dir / "config.yaml", config) if self.resumed_from else []
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))  # only now: the run passed its checks
+        how = (f"resumed at step {self.state.global_step} from {self.resumed_from.name}"
+               + (" with changed settings (below)" if changed else " with the same settings")
+               if self.resumed_from else "new run (no checkpoint in it yet)")
+        rows = [("task", self.task.name), ("run dir", str(self.run_dir)), ("status", how),
+                ("launch", f"{env.launcher}  (rank 0 on {socket.gethostname()})"),
+                ("world", f"{env.world_size} rank(s) = {env.num_nodes} node(s) x {env.local_world_size}"),
+                ("backend", f"{self.rt.backend or 'none (single process)'}"
+                 + (f"  master {env.master_addr}:{env.master_port}" if self.rt.distributed else "")),
+                ("devices", devices), ("precision", self.amp.describe()),
+                *self.task.describe().items(),
+                ("restarts", f"{env.restart_count} torchrun restart(s), {env.requeue_count} SLURM requeue(s)"),
+                *[(k, str(v)) for k, v in flatten(config)]]
+        self.sink.print(key_value_table("run", rows))
+        if changed:
+            self.sink.print("changed since the last run: " + ", ".join(changed))
+        if self.cfg.run.debug:
+            self.sink.print(model_summary(unwrap(self.model), self._example_inputs()))
+        self.sink.metric({"kind": "start", "step": self.state.global_step, "epoch": self.state.epoch,
+                          "world_size": env.world_size, "torchrun_restarts": env.restart_count,
+                          "slurm_requeues": env.requeue_count, "resumed": bool(self.resumed_from),
+                          "higher_is_better": {f"test_{n}": m.higher_is_better for n, m in self.metrics.items()}})
+        self.sink.hparams(config)
+
+    def _example_inputs(self) -> Any:
+        batch, index = next(iter(self.eval_loader.epoch(self.state.seed, -1)))
+        batch = self._prepare(batch, BatchInfo(index, -1, self.state.seed, train=False))
+        return self.task.inputs(batch)
+
+    def _summary(self, result: dict[str, Any]) -> None:
+        """Best and final metrics, time, throughput, and where the outputs are (rank 0)."""
+        if not self.rt.is_main:
+            return
+        steps, seconds = self.trained
+        rate = steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
+        best = self.ckpt.best_entry() if self.cfg.checkpoint.keep_best else None
+        rows = [("time", f"{time.perf_counter() - self.started:,.1f} s in this process, {steps} steps trained "
+                 f"({rate:,.0f} samples/s)")]
+        if best is not None:
+            rows.append(("best", f"{self.best_name} {self.best_sign * best['metric']:.4f} at step {best['step']}: "
+                         f"{self.ckpt.directory / best['file']}"))
+        rows.append(("model", str(self.run_dir / "model.pt")))
+        self.sink.print(key_value_table(f"done: {describe(result)} after {self.state.global_step} steps", rows))
 
     def _done(self) -> bool:
         return self.state.global_step >= self.total_steps
@@ -173,17 +251,18 @@ class Trainer:
         self.sampler.seed = self.state.seed
         self.sampler.set_epoch(epoch, self.state.step_in_epoch)
         self.model.train()
-        self.sink.epoch_start(epoch, self.steps_per_epoch, self.state.step_in_epoch)
         tick = time.perf_counter()
         timed = 0
         for batch, index in self.train_loader.epoch(self.state.seed, epoch):
+            if self.state.step_in_epoch >= self.steps_per_epoch:  # run.debug: a handful of batches
+                break
             with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
                 self.window += self.train_step(batch, index, epoch)
             self.window_steps += 1
             timed += 1
             self.state.step_in_epoch += 1
             self.state.global_step += 1
-            self.sink.advance(self.state.step_in_epoch)
+            self.sink.advance(self.state.global_step, epoch)
             if self.state.global_step % self.cfg.run.log_every == 0:
                 self._add_timing(timed, tick)
                 self._log_train()
@@ -192,10 +271,11 @@ class Trainer:
             if self._done():
                 break
         self._add_timing(timed, tick)
-        self.sink.epoch_end()
 
     def _add_timing(self, steps: int, since: float) -> None:
-        self.timing = [self.timing[0] + steps, self.timing[1] + time.perf_counter() - since]
+        seconds = time.perf_counter() - since
+        self.timing = [self.timing[0] + steps, self.timing[1] + seconds]
+        self.trained = [self.trained[0] + steps, self.trained[1] + seconds]
 
     def _after_step(self) -> None:
         """Step-boundary duties: periodic checkpoints and the agreed stop on a signal."""
@@ -247,8 +327,10 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         timed_steps, seconds = self.timing
         rate = timed_steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
-        self.sink.print(f"epoch {self.state.epoch}  step {self.state.global_step}/{self.total_steps}  "
-                        f"loss {mean:.4f}  lr {lr:.4g}  {rate:,.0f} samples/s")
+        if not self.sink.live:  # the live display shows these instead
+            self.sink.print(f"epoch {self.state.epoch}  step {self.state.global_step}/{self.total_steps}  "
+                            f"loss {mean:.4f}  lr {lr:.4g}  {rate:,.0f} samples/s")
+        self.sink.advance(self.state.global_step, self.state.epoch, loss=mean, lr=lr, rate=f"{rate:,.0f}")
         self.sink.metric({"kind": "train", "epoch": self.state.epoch, "step": self.state.global_step,
                           "loss": mean, "lr": lr, "samples_per_s": rate})
         self.window.zero_()
@@ -261,7 +343,7 @@ class Trainer:
         model = unwrap(self.model)
         self._sync_buffers(model)
         return evaluate(model, self.eval_loader, self.task, self.metrics, self.rt, self.amp, self.state.seed,
-                        prepare=self._memory_format)
+                        prepare=self._memory_format, max_batches=DEBUG_BATCHES if self.cfg.run.debug else None)
 
     def _best_value(self, result: dict[str, Any]) -> float | None:
         """The value ranking checkpoints, signed so that higher is better (a loss is negated)."""
@@ -315,6 +397,7 @@ class Trainer:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
         if found is None:
             return
+        self.resumed_from = found[1]
         self.sink.print(f"Resumed from {found[1]} at epoch {self.state.epoch}, step {self.state.global_step} "
                         f"({self.state.step_in_epoch} steps into the epoch).")
 

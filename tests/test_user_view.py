@@ -1,0 +1,226 @@
+"""What a user sees: errors they can act on, re-running a command, Ctrl-C, help, debug mode,
+TensorBoard and the report. Real processes, CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.signals import PREEMPTED_EXIT_CODE, StopFlag
+from tests.dist_utils import PYTHON, REPO, run_command, start_ranks, wait_all, wait_for
+from tests.tasks import DEBUG_CONFIG
+
+BIN = Path(PYTHON).parent
+CIFAR = [PYTHON, "-m", "trainers.cifar"]
+QUICK = ["--config", str(DEBUG_CONFIG), "train.epochs=1", "run.progress=lines"]
+
+
+def _fails_cleanly(result, *phrases: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- errors a user can act on
+
+
+@pytest.mark.parametrize("overrides, phrases", [
+    (["train.batchsize=64"], ["'train.batchsize'", "did you mean 'train.batch_size'"]),
+    (["train.epochs=many"], ["'train.epochs'"]),
+    (["train.batch_size=0"], ["'train.batch_size' must be greater than 0"]),
+    (["train.epochs=-1"], ["'train.epochs'"]),
+    (["optim.lr=-0.1"], ["'optim.lr' must not be below 0"]),
+    (["train.lr=0.1"], ["renamed to 'optim.lr'"]),
+    (["model.name=tiny", "model.width=0"], ["'model.width'"]),
+    (["model.name=resnet18", "model.width=32"], ["model.width=32 applies to model.name=tiny only"]),
+    (["dist.backend=nccl"], ["nccl needs CUDA"]),
+], ids=["unknown-key", "wrong-type", "zero-batch", "negative-epochs", "negative-lr", "renamed", "zero-width",
+        "width-combination", "nccl-on-cpu"])
+def test_bad_settings_end_in_one_message_and_exit_2(tmp_path: Path, overrides: list[str], phrases: list[str]) -> None:
+    result = run_command([*CIFAR, *QUICK, f"run.dir={tmp_path / 'run'}", *overrides], timeout=120)
+    _fails_cleanly(result, *phrases)
+    assert not (tmp_path / "run").exists(), "a refused run leaves no run directory behind"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_requested_without_a_gpu(tmp_path: Path) -> None:
+    _fails_cleanly(run_command([*CIFAR, *QUICK, "dist.device=cuda"], timeout=120), "CUDA is not available")
+
+
+@pytest.mark.parametrize("text, phrase", [(None, "does not exist"), ("", "is empty"), ("# nothing\n", "is empty"),
+                                          ("train: [1,\n", "not valid YAML")], ids=["missing", "empty", "comments",
+                                                                                   "invalid"])
+def test_bad_config_files(tmp_path: Path, text: str | None, phrase: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    if text is not None:
+        path.write_text(text)
+    _fails_cleanly(run_command([*CIFAR, "--config", str(path)], timeout=120), str(path), phrase)
+
+
+def test_run_directory_that_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_command([*CIFAR, *QUICK, f"run.dir={blocker / 'run'}"], timeout=120)
+    _fails_cleanly(result, "cannot be written", "run.dir")
+
+
+def test_checkpoint_of_another_model_is_refused_and_nothing_is_lost(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_command([*CIFAR, *QUICK, f"run.dir={run_dir}"], timeout=300).returncode == 0
+    saved_config = (run_dir / "config.yaml").read_text()
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    result = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}", "model.width=16"], timeout=300)
+    _fails_cleanly(result, "do not fit this model")
+    assert (run_dir / "config.yaml").read_text() == saved_config, "a refused run never rewrites config.yaml"
+    assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints
+
+
+def test_busy_port_and_missing_rank_end_every_rank_in_bounded_time(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        procs = start_ranks(["trainers.cifar", *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=10"], 2,
+                            env={"MASTER_PORT": str(port)}, log_dir=tmp_path)
+        codes = wait_all(procs, 90, tmp_path)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [2, 2], logs
+    assert f"127.0.0.1:{port} is already in use" in logs[0] and "MASTER_PORT" in logs[0]
+    assert "rank 1: error: Rank 1 of 2 could not meet the other ranks" in logs[1]
+    assert all("Traceback" not in log for log in logs)
+
+
+def test_user_error_under_torchrun_is_one_message_naming_the_cause(tmp_path: Path) -> None:
+    result = run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar",
+                          *QUICK, "train.batch_size=129", f"run.dir={tmp_path / 'run'}"], timeout=180)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "rank 1: error:"))]
+    assert len(ours) == 1 and "train.batch_size=129" in ours[0], result.stderr[-3000:]
+    assert "ConfigError: train.batch_size=129" in result.stderr, "torchrun's summary names the root cause"
+    # (torchrun's agent adds its own ChildFailedError traceback around that summary; no worker prints one)
+    assert result.stderr.count("Traceback") <= 1
+
+
+def test_tracebacks_on_request(tmp_path: Path) -> None:
+    result = run_command([*CIFAR, *QUICK, "optim.lr=-1"], timeout=120, env={"DISTLAUNCH_TRACEBACK": "1"})
+    assert result.returncode == 2 and "Traceback" in result.stderr and "'optim.lr'" in result.stderr
+
+
+# --------------------------------------------------------------------------- re-running, stopping
+
+
+def test_same_command_resumes_and_a_changed_value_starts_a_new_run(tmp_path: Path) -> None:
+    def train(*extra: str):  # the default run directory, relative to the working directory
+        result = run_command([*CIFAR, *QUICK, *extra], timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = train()
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("cifar-debug-") and "new run" in first
+    again = train("data.num_workers=1")  # loading workers do not change what is trained: same run
+    assert list((tmp_path / "runs").iterdir()) == runs
+    assert "resumed at step 16" in again and "changed since the last run: data.num_workers: 0 -> 1" in again
+    other = train("optim.lr=0.1")
+    assert len(list((tmp_path / "runs").iterdir())) == 2 and "new run" in other
+
+
+def test_ctrl_c_checkpoints_and_a_second_one_interrupts_at_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    procs = start_ranks(["trainers.cifar", *QUICK, "run.log_every=1", "train.epochs=3", f"run.dir={run_dir}"], 1,
+                        log_dir=tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count('"train"') >= 3 or procs[0].poll() is not None,
+             120, "step 3")
+    procs[0].send_signal(signal.SIGINT)
+    assert wait_all(procs, 60, tmp_path) == [PREEMPTED_EXIT_CODE], (tmp_path / "rank0.log").read_text()[-2000:]
+    assert list((run_dir / "checkpoints").glob("step-*.pt")), "the first Ctrl-C writes a checkpoint"
+
+    flag = StopFlag()
+    flag._handle(signal.SIGINT, None)
+    flag._handle(signal.SIGINT, None)  # the same Ctrl-C, forwarded again by torchrun's agent at once
+    flag._at -= 5  # the user presses Ctrl-C again, seconds later
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
+
+
+# --------------------------------------------------------------------------- help, debug, TensorBoard, report
+
+
+def test_help_lists_every_key_without_importing_torch() -> None:
+    from launcher.config import schema_keys
+    from trainers.cifar import CifarConfig
+
+    probe = ("import runpy, sys; sys.argv = ['trainers.cifar', '--help']\n"
+             "try:\n    runpy.run_module('trainers.cifar', run_name='__main__')\n"
+             "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = run_command([PYTHON, "-c", probe], timeout=60)
+    assert "torch imported: False" in result.stdout
+    missing = [k for k in schema_keys(CifarConfig) if f"  {k} (" not in result.stdout]
+    assert not missing
+
+
+def test_debug_mode_one_process_few_batches_and_a_model_summary(tmp_path: Path) -> None:
+    result = run_command([*CIFAR, *QUICK, "run.debug=true", f"run.dir={tmp_path / 'run'}", "run.log_every=1"],
+                         timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parameters" in result.stdout and "Conv2d" in result.stdout and "128x10" not in result.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == [1, 2, 3, 4], "a handful of batches per epoch"
+    two = run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar", *QUICK,
+                       "run.debug=true"], timeout=120)
+    assert two.returncode != 0 and "run.debug=true runs one process" in two.stderr
+
+
+def test_tensorboard_event_files_hold_metrics_and_the_config(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    result = run_command([*CIFAR, *QUICK, "run.tensorboard=true", "run.log_every=4", f"run.dir={run_dir}"],
+                         timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(run_dir)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/test_acc", "eval/test_loss"} <= scalars
+    assert len(events.Scalars("train/loss")) == 4
+    assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
+
+
+def test_report_plots_several_runs_including_a_running_and_a_resumed_one(tmp_path: Path) -> None:
+    from launcher.report import load_run
+
+    done, running = tmp_path / "done", tmp_path / "running"
+    assert run_command([*CIFAR, *QUICK, f"run.dir={done}", "run.log_every=2"], timeout=300).returncode == 0
+    running.mkdir()
+    lines = (done / "metrics.jsonl").read_text().splitlines()
+    # A resumed run logged steps 2 and 4 twice; a running one is mid-way through writing a line.
+    (running / "metrics.jsonl").write_text("\n".join(lines[:3] + lines[1:5]) + '\n{"kind": "train", "st')
+    run = load_run(running)
+    assert [r["step"] for r in run.train] == sorted({r["step"] for r in run.train})
+    out = tmp_path / "report.png"
+    result = run_command([PYTHON, "-m", "launcher", "report", str(done), str(running), "--out", str(out)],
+                         timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert "test_acc" in result.stdout and "done" in result.stdout and "running" in result.stdout
+    missing = run_command([PYTHON, "-m", "launcher", "report", str(tmp_path / "nope")], timeout=60)
+    assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr
+
+
+def test_missing_tensorboard_is_a_clear_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from launcher.errors import UserError
+    from trainers.core.sinks import make_sink
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(UserError, match=r"pip install -e '\.\[tensorboard\]'"):
+        make_sink(True, tmp_path, "quiet", tensorboard=True)
