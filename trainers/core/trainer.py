@@ -11,7 +11,6 @@ only file writes and printing are rank-0-only (and hold no collective).
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,36 +18,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-import yaml
-
-from launcher.config import ConfigError, flatten, to_dict, to_yaml
+from launcher.config import ConfigError, to_dict
 from launcher.runtime import Runtime, seed_everything
 from launcher.signals import Preempted, StopFlag
 from trainers.core.amp import Amp
-from trainers.core.checkpoint import (CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state,
-                                     strip_prefixes)
+from trainers.core.announce import announce, summarize
+from trainers.core.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state, strip_prefixes
 from trainers.core.data import (DeviceLoader, EvalShard, HostLoader, ResumableDistributedSampler, chunk,
                                 make_loader, per_rank_batch, tree_map)
 from trainers.core.evaluation import describe, evaluate
 from trainers.core.parallel import convert_sync_batchnorm, maybe_no_sync, unwrap, wrap_ddp
 from trainers.core.pretrained import freeze, init_from
-from trainers.core.sinks import key_value_table, make_sink, truncate_metrics
-from trainers.core.summary import model_summary
+from trainers.core.sinks import make_sink, truncate_metrics
 from trainers.core.state import ModelState, Registry, TrainState
 from trainers.core.task import BatchInfo, Task
 
 
 #: run.debug=true trains and evaluates this many batches per epoch.
 DEBUG_BATCHES = 4
-
-
-def _changed_keys(path: Path, config: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every key of ``config`` that differs from the YAML file at ``path``."""
-    try:
-        old = dict(flatten(yaml.safe_load(path.read_text()) or {}))
-    except (OSError, yaml.YAMLError):
-        return []
-    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in flatten(config) if old.get(k, v) != v and k != "run.dir"]
 
 
 class Trainer:
@@ -152,7 +139,7 @@ class Trainer:
         """Train to the end (or to a stop signal, raising ``Preempted``); returns the final metrics."""
         try:
             self.resume()
-            self._announce()
+            announce(self)
             result: dict[str, Any] = {}
             # Signals become a flag only while the loop can act on it; during start-up (imports, process
             # group, data) they keep their default effect, so a launcher's SIGTERM ends the process at once.
@@ -166,62 +153,11 @@ class Trainer:
             self.save(final=True, metric=self._best_value(result))
             self._save_model()
             self.sink.stop()
-            self._summary(result)
+            summarize(self, result)
         finally:
             self.stop.restore()
             self.sink.close()
         return {**result, "global_step": self.state.global_step}
-
-    def _announce(self) -> None:
-        """The start-up table, the ``start`` record and config.yaml, once every check has passed."""
-        env, devices = self.rt.env, self.rt.describe_devices()
-        if not self.rt.is_main:
-            return
-        config = to_dict(self.cfg)
-        changed = _changed_keys(self.run_dir / "config.yaml", config) if self.resumed_from else []
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))  # only now: the run passed its checks
-        how = (f"resumed at step {self.state.global_step} from {self.resumed_from.name}"
-               + (" with changed settings (below)" if changed else " with the same settings")
-               if self.resumed_from else "new run (no checkpoint in it yet)")
-        rows = [("task", self.task.name), ("run dir", str(self.run_dir)), ("status", how),
-                ("launch", f"{env.launcher}  (rank 0 on {socket.gethostname()})"),
-                ("world", f"{env.world_size} rank(s) = {env.num_nodes} node(s) x {env.local_world_size}"),
-                ("backend", f"{self.rt.backend or 'none (single process)'}"
-                 + (f"  master {env.master_addr}:{env.master_port}" if self.rt.distributed else "")),
-                ("devices", devices), ("precision", self.amp.describe()),
-                *self.task.describe().items(),
-                ("restarts", f"{env.restart_count} torchrun restart(s), {env.requeue_count} SLURM requeue(s)"),
-                *[(k, str(v)) for k, v in flatten(config)]]
-        self.sink.print(key_value_table("run", rows))
-        if changed:
-            self.sink.print("changed since the last run: " + ", ".join(changed))
-        if self.cfg.run.debug:
-            self.sink.print(model_summary(unwrap(self.model), self._example_inputs()))
-        self.sink.metric({"kind": "start", "step": self.state.global_step, "epoch": self.state.epoch,
-                          "world_size": env.world_size, "torchrun_restarts": env.restart_count,
-                          "slurm_requeues": env.requeue_count, "resumed": bool(self.resumed_from),
-                          "higher_is_better": {f"test_{n}": m.higher_is_better for n, m in self.metrics.items()}})
-        self.sink.hparams(config)
-
-    def _example_inputs(self) -> Any:
-        batch, index = next(iter(self.eval_loader.epoch(self.state.seed, -1)))
-        batch = self._prepare(batch, BatchInfo(index, -1, self.state.seed, train=False))
-        return self.task.inputs(batch)
-
-    def _summary(self, result: dict[str, Any]) -> None:
-        """Best and final metrics, time, throughput, and where the outputs are (rank 0)."""
-        if not self.rt.is_main:
-            return
-        steps, seconds = self.trained
-        rate = steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
-        best = self.ckpt.best_entry() if self.cfg.checkpoint.keep_best else None
-        rows = [("time", f"{time.perf_counter() - self.started:,.1f} s in this process, {steps} steps trained "
-                 f"({rate:,.0f} samples/s)")]
-        if best is not None:
-            rows.append(("best", f"{self.best_name} {self.best_sign * best['metric']:.4f} at step {best['step']}: "
-                         f"{self.ckpt.directory / best['file']}"))
-        rows.append(("model", str(self.run_dir / "model.pt")))
-        self.sink.print(key_value_table(f"done: {describe(result)} after {self.state.global_step} steps", rows))
 
     def _done(self) -> bool:
         return self.state.global_step >= self.total_steps
@@ -296,7 +232,7 @@ class Trainer:
 
     def train_step(self, batch: Any, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """One optimizer step on this rank's share of a global batch; returns the loss (detached)."""
-        batch = self._prepare(batch, BatchInfo(index, epoch, self.state.seed, train=True))
+        batch = self.prepare_batch(batch, BatchInfo(index, epoch, self.state.seed, train=True))
         accum = self.cfg.train.grad_accum
         total = torch.zeros((), device=self.rt.device)
         for i, micro in enumerate(chunk(batch, accum)):
@@ -310,7 +246,8 @@ class Trainer:
         self.scheduler.step()
         return total
 
-    def _prepare(self, batch: Any, info: BatchInfo) -> Any:
+    def prepare_batch(self, batch: Any, info: BatchInfo) -> Any:
+        """The task's device transform, then the memory format the model expects."""
         return self._memory_format(self.task.transform(batch, info))
 
     def _memory_format(self, batch: Any) -> Any:
