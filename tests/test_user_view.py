@@ -224,3 +224,20 @@ def test_missing_tensorboard_is_a_clear_message(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
     with pytest.raises(UserError, match=r"pip install -e '\.\[tensorboard\]'"):
         make_sink(True, tmp_path, "quiet", tensorboard=True)
+
+
+def test_one_live_run_per_directory_and_a_dead_run_does_not_block(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["trainers.cifar", *QUICK, "train.epochs=50", "run.log_every=1", f"run.dir={run_dir}"]
+    first = start_ranks(args, 1, log_dir=tmp_path)[0]
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text() or first.poll() is not None, 120,
+                 "the first run to train")
+        second = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}"], timeout=120)
+        _fails_cleanly(second, "is in use by a live run", f"pid {first.pid}")
+    finally:
+        first.kill()  # kill -9: its lock goes with it
+        first.wait(timeout=30)
+    third = run_command([*CIFAR, *QUICK, "train.epochs=50", "train.max_steps=2", f"run.dir={run_dir}"], timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]

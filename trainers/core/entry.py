@@ -27,6 +27,7 @@ from launcher.runtime import (CollectiveError, Runtime, choose_backend, choose_d
 from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted
 from trainers.core.cli import parse_args
 from trainers.core.data import per_rank_batch
+from trainers.core.rundir import RunDirError, claim
 from trainers.core.task import Task
 from trainers.core.trainer import Trainer
 
@@ -62,15 +63,15 @@ def _train(cfg: Config, rt: Runtime, task_cls: type[Task], trainer: TrainerFacto
     if cfg.run.debug:
         torch.autograd.set_detect_anomaly(True)  # a NaN names the operation that made it
     run_dir = Path(cfg.run.dir)
-    if rt.is_main:
+    problem = None
+    if rt.is_main:  # rank 0 claims the directory and tells the others, so that all stop together on a refusal
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ".writable").touch()
-            (run_dir / ".writable").unlink()
-        except OSError as e:
-            raise UserError(f"The run directory {run_dir} cannot be written ({e.strerror or e}); choose another "
-                            "with run.dir=PATH, or fix its permissions.") from None
-    rt.barrier("run directory")
+            claim(run_dir)
+        except RunDirError as e:
+            problem = str(e)
+    problem = rt.broadcast_object(problem, "run directory")
+    if problem:
+        raise RunDirError(problem)
     return trainer(task_cls(cfg), rt, run_dir).fit()
 
 

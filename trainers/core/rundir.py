@@ -1,0 +1,46 @@
+"""The run directory: created and claimed by rank 0, so that one directory holds one live run.
+
+The claim is an advisory ``flock`` on ``RUN_DIR/.lock``, held until the process exits. The kernel
+drops it when its holder dies in any way (exit, crash, kill -9), so a lock left behind never blocks
+the next run; on network file systems without working ``flock`` the claim is as good as the file
+system's locking.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from launcher.errors import UserError
+
+_HELD: list[int] = []  # descriptors of the locks this process holds (released by the OS at exit)
+
+
+class RunDirError(UserError):
+    """The run directory cannot be used: not writable, or in use by a live run."""
+
+    same_on_every_rank = True  # rank 0 decides and tells the others
+
+
+def claim(run_dir: Path) -> None:
+    """Create ``run_dir`` and lock it for this process; RunDirError saying why not."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"The run directory {run_dir} cannot be written ({e.strerror or e}); choose another with "
+                          "run.dir=PATH, or fix its permissions.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirError(f"The run directory {run_dir} is in use by a live run ({holder}). Wait for it to finish or "
+                          "stop it, or give this run another run.dir. (A run that died does not hold it: the lock "
+                          "goes with its process.)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    _HELD.append(fd)
