@@ -213,13 +213,14 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def port_from_job_id(job_id: str) -> int:
+def port_from_job_id(job_id: str, step_id: str | None = None) -> int:
     """Deterministic rendezvous port for a SLURM job, in ``[PORT_BASE, PORT_BASE + PORT_SPAN)``.
 
     Every task of a job computes the same port without talking to the others, and consecutive
     job ids get different ports so jobs sharing a node do not collide.  Array ids such as
     ``123_4`` (and heterogeneous ids such as ``123+1``) fold every number in, so two tasks of
-    the same array running on one node get different ports.
+    the same array running on one node get different ports.  A numeric ``step_id`` (srun's
+    SLURM_STEP_ID) is folded in after a marker, so concurrent steps of one job differ too.
     """
     numbers = re.findall(r"\d+", job_id)
     if not numbers:
@@ -227,6 +228,8 @@ def port_from_job_id(job_id: str) -> int:
             f"SLURM_JOB_ID={job_id!r} contains no digits, so no port can be derived from it; "
             "set MASTER_PORT explicitly."
         )
+    if step_id is not None:
+        numbers += ["1", step_id]  # the marker keeps job 123 step 4 apart from array task 123_4
     value = 0
     for number in numbers:
         # 100003 is prime and larger than typical array indices: distinct ids stay distinct.
@@ -587,7 +590,12 @@ def _slurm_master_port(environ: Mapping[str, str]) -> int:
         return port
     job = _first(environ, "SLURM_JOB_ID", "SLURM_JOBID")
     # Without a job id every task still agrees on the fixed default.
-    return DEFAULT_MASTER_PORT if job is None else port_from_job_id(job[1])
+    if job is None:
+        return DEFAULT_MASTER_PORT
+    # Each srun step gets its own port, so that two multi-rank steps running at once in one job (e.g.
+    # `srun ... &` twice) do not both try to host their rendezvous on the same port.
+    step = _first(environ, "SLURM_STEP_ID", "SLURM_STEPID")
+    return port_from_job_id(job[1], step[1] if step is not None and step[1].isdigit() else None)
 
 
 # --- single process ----------------------------------------------------------------------

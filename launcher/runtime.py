@@ -8,9 +8,12 @@ Single-process runs are the world-size-1 case of the same code: every collective
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
 import socket
+import sys
 import threading
 from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass
@@ -254,10 +257,30 @@ def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeou
         raise _rendezvous_problem(env, e, timeout) from e
 
 
+def stop_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the launching agent (torchrun) dies, even by SIGKILL.
+
+    Without it, workers of a killed agent train on into the run directory. SIGTERM is the ordinary
+    stop signal: before training the process ends at once, in the loop at the next step (with a
+    checkpoint). Linux only (prctl); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the agent died before the request was made: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 @contextmanager
 def distributed(cfg: DistConfig, environ: Mapping[str, str] | None = None) -> Iterator[Runtime]:
     """Resolve the launch, bind the device, start the process group; always tear it down."""
     env = DistEnv.from_environ(environ)
+    if env.launcher in ("torchrun", "accelerate"):  # their agent is our parent process
+        stop_with_parent()
     device = choose_device(env, cfg)
     choose_backend(device, cfg)  # a backend that cannot work on this device fails here, before any rendezvous
     if device.type == "cuda":

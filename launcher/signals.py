@@ -7,6 +7,7 @@ signal is enough) to stop together, checkpoint and exit with ``PREEMPTED_EXIT_CO
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,27 @@ INTERRUPTED_EXIT_CODE = 130
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; main() maps it to PREEMPTED_EXIT_CODE."""
+
+
+def _stop_now(signum: int, frame: FrameType | None) -> None:
+    # os.write, not print: safe inside a handler. SystemExit unwinds through every `finally` (the process
+    # group is torn down) and, unlike another exception, ends the process cleanly even during imports.
+    os.write(2, f"stopped by {signal.Signals(signum).name} during start-up: nothing new to save; re-run (or "
+                f"requeue) the same command to resume.\n".encode())
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def stop_during_startup() -> None:
+    """Until the training loop takes over (``StopFlag``), SIGTERM, SIGUSR1 and SIGUSR2 end the process at
+    once with PREEMPTED_EXIT_CODE, so that a preempted or timed-out job is requeued instead of lost.
+
+    Safe to raise from the handler: nothing is being saved yet. Call it as early as possible (a task
+    module calls it before its heavy imports); Ctrl-C keeps its usual KeyboardInterrupt.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if sig != signal.SIGINT:
+                signal.signal(sig, _stop_now)
 
 
 class StopFlag:

@@ -184,7 +184,7 @@ def test_contract_round_trips() -> None:
     assert contract == {
         "RANK": "4", "LOCAL_RANK": "0", "WORLD_SIZE": "5", "LOCAL_WORLD_SIZE": "1",
         "GROUP_RANK": "2", "GROUP_WORLD_SIZE": "3", "MASTER_ADDR": "n1",
-        "MASTER_PORT": str(port_from_job_id("4242")),
+        "MASTER_PORT": str(port_from_job_id("4242", "0")),
     }
     again = DistEnv.from_environ(contract)
     assert again == DistEnv("torchrun", 4, 0, 5, 1, 2, 3, "n1", env.master_port, None)
@@ -196,7 +196,7 @@ def test_contract_round_trips() -> None:
 def test_slurm_multi_node() -> None:
     env = DistEnv.from_environ(slurm_env(procid=5, localid=1, nodeid=1, ntasks=8, nnodes=2,
                                          tasks_per_node="4(x2)"))
-    assert env == DistEnv("slurm", 5, 1, 8, 4, 1, 2, "gpu01", port_from_job_id("4242"), "4242")
+    assert env == DistEnv("slurm", 5, 1, 8, 4, 1, 2, "gpu01", port_from_job_id("4242", "0"), "4242")
 
 
 @pytest.mark.parametrize(
@@ -484,3 +484,11 @@ def test_module_does_not_import_torch() -> None:
     code = "import sys, launcher.env; sys.exit('torch' in sys.modules)"
     repo = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo, check=False).returncode == 0
+
+
+def test_concurrent_srun_steps_of_one_job_get_different_ports() -> None:
+    step0 = DistEnv.from_environ(slurm_env(0, 0, 0, 2, 1, "2"))
+    step1 = DistEnv.from_environ({**slurm_env(0, 0, 0, 2, 1, "2"), "SLURM_STEP_ID": "1"})
+    assert step0.master_port != step1.master_port
+    assert step0.master_port == DistEnv.from_environ(slurm_env(1, 1, 0, 2, 1, "2")).master_port, "ranks agree"
+    assert port_from_job_id("123", "4") != port_from_job_id("123_4")

@@ -241,3 +241,60 @@ def test_one_live_run_per_directory_and_a_dead_run_does_not_block(tmp_path: Path
         first.wait(timeout=30)
     third = run_command([*CIFAR, *QUICK, "train.epochs=50", "train.max_steps=2", f"run.dir={run_dir}"], timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_during_start_up_asks_for_a_requeue(tmp_path: Path, sig: signal.Signals) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_ranks(["trainers.cifar", *QUICK, f"run.dir={run_dir}"], 1, log_dir=tmp_path)[0]
+    # The handler goes in before torch is imported: the signal lands during imports or set-up.
+    wait_for(lambda: _catches(proc.pid, sig) or proc.poll() is not None, 60, "the start-up handler")
+    proc.send_signal(sig)
+    assert wait_all([proc], 60, tmp_path) == [PREEMPTED_EXIT_CODE]
+    log = (tmp_path / "rank0.log").read_text()
+    assert f"stopped by {sig.name} during start-up" in log and "Traceback" not in log
+    assert not (run_dir / "checkpoints").exists(), "nothing new to save"
+
+
+def test_workers_do_not_outlive_a_killed_torchrun(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "torchrun.log").open("w")
+    agent = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar",
+                              *QUICK, "train.epochs=50", "run.log_every=1", f"run.dir={run_dir}"], cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text() or agent.poll() is not None, 120,
+                 "training to start")
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        agent.kill()  # SIGKILL: the agent cannot pass anything on to its workers
+        agent.wait(timeout=30)
+        wait_for(lambda: not any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers), 60,
+                 "the orphaned workers to exit")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    steps = metrics.read_text().count('"train"')
+    assert steps < 50 * 16, "the workers stopped instead of training on"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+    except (FileNotFoundError, IndexError):
+        return "zombie"

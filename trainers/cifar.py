@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 
 from trainers.cifar_config import CifarConfig
-from trainers.core.cli import exit_on_help
+from trainers.core.cli import begin_main
 
 if __name__ == "__main__":
-    exit_on_help(CifarConfig, "python -m trainers.cifar")  # --help answers at once: no torch imported yet
+    begin_main(CifarConfig, "python -m trainers.cifar")  # --help answers at once: no torch imported yet
 
 # The heavy imports come after the --help check on purpose.
 from typing import Any, Callable, Sequence

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import sys
 
-from trainers.core.cli import exit_on_help
+from trainers.core.cli import begin_main
 from trainers.imagefolder_config import FolderConfig
 
 if __name__ == "__main__":
-    exit_on_help(FolderConfig, "python -m trainers.imagefolder")  # --help answers at once: no torch imported yet
+    begin_main(FolderConfig, "python -m trainers.imagefolder")  # --help answers at once: no torch imported yet
 
 # The heavy imports come after the --help check on purpose.
 from pathlib import Path

@@ -1,7 +1,7 @@
 """The command line of a task: ``--config FILE``, ``--print-config``, ``key=value`` overrides, and a
 ``--help`` that lists every configuration key, generated from the task's schema.
 
-Light on purpose (no torch): a task module calls ``exit_on_help`` before its heavy imports.
+Light on purpose (no torch): a task module calls ``begin_main`` before its heavy imports.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from launcher.config import Config, leaves, yaml_scalar
+from launcher.signals import stop_during_startup
 
 
 def keys_help(schema: type[Config]) -> str:
@@ -39,8 +40,11 @@ def parse_args(argv: Sequence[str] | None, prog: str, schema: type[Config] = Con
     return make_parser(prog, schema).parse_args(argv)
 
 
-def exit_on_help(schema: type[Config], prog: str, argv: Sequence[str] | None = None) -> None:
-    """Print the help and exit if it was asked for; call it before importing torch."""
+def begin_main(schema: type[Config], prog: str, argv: Sequence[str] | None = None) -> None:
+    """The first thing a task module does when run as a program, before importing torch: a stop signal
+    during the start-up that follows (imports, process group, data) now ends the process with the
+    "requeue me" exit status, and ``--help`` is answered at once."""
+    stop_during_startup()
     args = sys.argv[1:] if argv is None else list(argv)
     if "-h" in args or "--help" in args:
         make_parser(prog, schema).print_help()

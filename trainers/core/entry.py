@@ -24,7 +24,7 @@ from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank
 from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import (CollectiveError, Runtime, choose_backend, choose_device, configure_determinism,
                               distributed)
-from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted
+from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, stop_during_startup
 from trainers.core.cli import parse_args
 from trainers.core.data import per_rank_batch
 from trainers.core.rundir import RunDirError, claim
@@ -106,6 +106,7 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
     75 stopped by a signal after writing a checkpoint (re-run to resume); 130 interrupted at once.
     ``trainer`` replaces the built-in ``Trainer`` (any factory of (task, rt, run_dir) with ``fit()``).
     """
+    stop_during_startup()  # until the training loop installs its stop flag
     args = parse_args(argv, prog or f"python -m trainers.{task.name}", task.config)
     cfg: Config | None = None
     try:
