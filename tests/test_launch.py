@@ -21,6 +21,9 @@ def _check_run_dir(run_dir: Path) -> None:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [0, 1], "test accuracy is reported every epoch"
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and all(0 <= r["data_wait"] <= 1 for r in epochs)
+    assert all(r["samples_per_s"] > 0 for r in epochs)
     assert all(r["test_samples"] == 500 for r in evals)
     assert evals[-1]["test_acc"] > 0.3, "the debug run should learn the synthetic data"
     assert (run_dir / "model.pt").stat().st_size > 0

@@ -191,7 +191,8 @@ def test_tensorboard_event_files_hold_metrics_and_the_config(tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     events = EventAccumulator(str(run_dir)).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/test_acc", "eval/test_loss"} <= scalars
+    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/test_acc", "eval/test_loss",
+            "epoch/samples_per_s", "epoch/data_wait"} <= scalars
     assert len(events.Scalars("train/loss")) == 4
     assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
 

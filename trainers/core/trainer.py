@@ -187,9 +187,11 @@ class Trainer:
         self.sampler.seed = self.state.seed
         self.sampler.set_epoch(epoch, self.state.step_in_epoch)
         self.model.train()
-        tick = time.perf_counter()
-        timed = 0
+        tick = start = fetched = time.perf_counter()
+        timed = done = 0
+        waiting = 0.0  # seconds blocked on the loader: the part of the epoch that data loading costs
         for batch, index in self.train_loader.epoch(self.state.seed, epoch):
+            waiting += time.perf_counter() - fetched
             if self.state.step_in_epoch >= self.steps_per_epoch:  # run.debug: a handful of batches
                 break
             with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
@@ -204,9 +206,22 @@ class Trainer:
                 self._log_train()
                 tick, timed = time.perf_counter(), 0
             self._after_step()
+            done += 1
             if self._done():
                 break
+            fetched = time.perf_counter()
         self._add_timing(timed, tick)
+        self._log_epoch(epoch, done, time.perf_counter() - start, waiting)
+
+    def _log_epoch(self, epoch: int, steps: int, seconds: float, waiting: float) -> None:
+        """Throughput of the epoch (global samples/s) and the largest share of it any rank spent waiting
+        for data (one small gather per epoch, on the control group)."""
+        wait = max(self.rt.gather_objects(waiting / seconds if seconds > 0 else 0.0, "epoch timing"))
+        rate = steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
+        if steps:
+            self.sink.print(f"epoch {epoch}  {rate:,.0f} samples/s  waiting for data {wait:.0%} of the time")
+            self.sink.metric({"kind": "epoch", "epoch": epoch, "step": self.state.global_step,
+                              "samples_per_s": rate, "data_wait": wait})
 
     def _add_timing(self, steps: int, since: float) -> None:
         seconds = time.perf_counter() - since
