@@ -36,6 +36,10 @@ from trainers.core.task import BatchInfo, Task
 
 #: run.debug=true trains and evaluates this many batches per epoch.
 DEBUG_BATCHES = 4
+#: Ranks agree on a stop signal about this often (seconds of training): every step when steps are slow,
+#: every k steps when they are fast, so that the agreement costs next to nothing at any speed.
+STOP_CHECK_S = 0.05
+STOP_CHECK_MAX_STEPS = 100
 
 
 class Trainer:
@@ -70,6 +74,9 @@ class Trainer:
         self.window_steps = 0
         self.timing = [0, 0.0]  # (steps, seconds) of training since the last log line
         self.trained = [0, 0.0]  # (steps, seconds) of training in this process, for the final summary
+        # Steps between stop-signal agreements; set from the all-reduced step time at each log line, so
+        # every rank has the same value and all ranks stop at the same step.
+        self.stop_every = 1
         self.resumed_from: Path | None = None
 
     # ----------------------------------------------------------------------------------- building
@@ -231,7 +238,8 @@ class Trainer:
     def _after_step(self) -> None:
         """Step-boundary duties: periodic checkpoints and the agreed stop on a signal."""
         # At the last step a stop is moot: the run finishes and writes its final checkpoint anyway.
-        stop = self.rt.any(self.stop.requested, "preemption check") and not self._done()
+        due = self.state.global_step % self.stop_every == 0
+        stop = due and self.rt.any(self.stop.requested, "preemption check") and not self._done()
         # A periodic save that falls on an epoch's last step waits for _end_of_epoch, so that the
         # checkpoint comes after that epoch's evaluation (a resume must not evaluate it twice).
         mid_epoch = self.state.step_in_epoch < self.steps_per_epoch
@@ -273,11 +281,15 @@ class Trainer:
 
     def _log_train(self) -> None:
         """Log the mean training loss since the last log line (all ranks take part in the reduction)."""
-        total = self.rt.all_reduce(self.window.reshape(1).clone(), "loss logging").item()
+        timed_steps, seconds = self.timing
+        local = torch.cat([self.window.reshape(1), torch.tensor([seconds], device=self.rt.device)])
+        total, all_seconds = self.rt.all_reduce(local, "loss logging").tolist()
         steps = self.window_steps
         mean = total / self.rt.world_size / steps
         lr = self.scheduler.get_last_lr()[0]
-        timed_steps, seconds = self.timing
+        if timed_steps and all_seconds > 0:
+            step_s = all_seconds / self.rt.world_size / timed_steps
+            self.stop_every = max(1, min(STOP_CHECK_MAX_STEPS, int(STOP_CHECK_S / step_s)))
         rate = timed_steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
         if not self.sink.live:  # the live display shows these instead
             self.sink.print(f"epoch {self.state.epoch}  step {self.state.global_step}/{self.total_steps}  "
