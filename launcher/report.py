@@ -96,17 +96,14 @@ def plot(runs: Sequence[Run], out: Path) -> None:
 
 
 def _epoch_axes(axes: Any, run: Run) -> None:
-    """Epochs on the top axis, mapped from steps through the first run's records."""
-    records = sorted(run.train + run.eval, key=lambda r: r["step"])
-    if len(records) < 2:
+    """Epochs on the top axis: an evaluation record closes its epoch, so it gives the steps per epoch."""
+    closed = [r for r in run.eval if r.get("epoch", -1) >= 0 and r.get("step", 0) > 0]
+    if not closed:
         return
-    steps = np.array([r["step"] for r in records], dtype=float)
-    epochs = np.array([r["epoch"] for r in records], dtype=float)
-    if np.all(np.diff(steps) > 0) and np.all(np.diff(epochs) >= 0):
-        for ax in axes:
-            top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, epochs),
-                                                       lambda e: np.interp(e, epochs, steps)))
-            top.set_xlabel("epoch")
+    per_epoch = closed[0]["step"] / (closed[0]["epoch"] + 1)
+    for ax in axes:
+        top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))
+        top.set_xlabel("epoch")
 
 
 def _best(run: Run, metric: str, values: list[float]) -> float:
