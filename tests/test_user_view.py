@@ -299,3 +299,10 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
     except (FileNotFoundError, IndexError):
         return "zombie"
+
+
+def test_warnings_of_other_ranks_name_their_rank() -> None:
+    probe = ("import warnings\nfrom trainers.core.entry import prefix_warnings\n"
+             "prefix_warnings(1)\nwarnings.warn('disk almost full')")
+    result = run_command([PYTHON, "-c", probe], timeout=60)
+    assert "rank 1: " in result.stderr and "disk almost full" in result.stderr

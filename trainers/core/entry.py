@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -88,6 +89,19 @@ def _report(error: BaseException, cfg: Config | None) -> None:
     print(f"{prefix}error: {error}", file=sys.stderr)
 
 
+def prefix_warnings(rank: int) -> None:
+    """Python warnings of ranks other than 0 say which rank they come from (rank 0's stay as they are)."""
+    if rank == 0:
+        return
+    plain = warnings.formatwarning
+
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+        return f"rank {rank}: " + plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def _record_for_torchrun(error: BaseException) -> None:
     """torchrun's failure summary then shows this message as the root cause instead of "error_file: <N/A>"
     (the file format is torch.distributed.elastic's error record; the message stands in for the traceback)."""
@@ -107,6 +121,7 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
     ``trainer`` replaces the built-in ``Trainer`` (any factory of (task, rt, run_dir) with ``fit()``).
     """
     stop_during_startup()  # until the training loop installs its stop flag
+    prefix_warnings(probable_rank())
     args = parse_args(argv, prog or f"python -m trainers.{task.name}", task.config)
     cfg: Config | None = None
     try:
