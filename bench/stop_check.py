@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +22,6 @@ import torch
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _rank(rank: int, port: int, steps: int, every_step: bool, out: "mp.Queue[float]") -> None:
@@ -57,7 +56,7 @@ def _rank(rank: int, port: int, steps: int, every_step: bool, out: "mp.Queue[flo
 def steps_per_second(steps: int, every_step: bool) -> float:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    with __import__("socket").socket() as s:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [ctx.Process(target=_rank, args=(r, port, steps, every_step, out)) for r in range(2)]

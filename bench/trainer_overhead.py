@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,16 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from launcher.config import load_config
+from launcher.runtime import distributed, seed_everything
+from trainers.cifar import CifarConfig, CifarTask
+from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD
+from trainers.core.data import Normalize
+from trainers.core.trainer import Trainer
+from trainers.models import build_model
 
-from launcher.config import load_config  # noqa: E402
-from launcher.runtime import distributed, seed_everything  # noqa: E402
-from trainers.cifar import CifarConfig, CifarTask  # noqa: E402
-from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from trainers.core.data import Normalize  # noqa: E402
-from trainers.core.trainer import Trainer  # noqa: E402
-from trainers.models import build_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BATCH = 128
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch.nn as nn
 from torchvision.models import resnet18
 
-from launcher.config import ConfigError
 
-
-def cifar_resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     """ResNet-18 adapted to 32x32 inputs: a 3x3 stride-1 stem and no max-pool (ImageNet's stem would
     shrink CIFAR images to 8x8 before the first residual stage)."""
-    if width != 64:
-        raise ConfigError(f"model.width={width} applies to model.name=tiny only; resnet18 has its standard "
-                          "width: leave model.width at 64 or choose model.name=tiny.")
     model = resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -32,7 +27,7 @@ def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
 
 
 def build_model(name: str, width: int, num_classes: int = 10) -> nn.Module:
-    """The model named by ``model.name``."""
+    """The model named by ``model.name`` (``width`` is the tiny CNN's; CifarConfig.check rejects it for resnet18)."""
     if name == "tiny":
         return tiny_cnn(num_classes, width)
-    return cifar_resnet18(num_classes, width)
+    return cifar_resnet18(num_classes)

@@ -15,7 +15,7 @@ import yaml
 
 from launcher.config import flatten, to_dict, to_yaml
 from trainers.core.checkpoint import atomic_write_text
-from trainers.core.evaluation import describe
+from trainers.core.evaluation import EVAL_EPOCH, describe
 from trainers.core.parallel import unwrap
 from trainers.core.sinks import key_value_table
 from trainers.core.summary import model_summary
@@ -60,17 +60,16 @@ def announce(trainer: Trainer) -> None:
     if trainer.cfg.run.debug:
         trainer.sink.print(model_summary(unwrap(trainer.model), _example_inputs(trainer)))
     trainer.sink.metric({"kind": "start", "step": trainer.state.global_step, "epoch": trainer.state.epoch,
-                      "world_size": env.world_size, "torchrun_restarts": env.restart_count,
-                      "slurm_requeues": env.requeue_count, "resumed": bool(trainer.resumed_from),
-                      "higher_is_better": {f"test_{n}": m.higher_is_better for n, m in trainer.metrics.items()}})
+                         "world_size": env.world_size, "torchrun_restarts": env.restart_count,
+                         "slurm_requeues": env.requeue_count, "resumed": bool(trainer.resumed_from),
+                         "higher_is_better": {f"test_{n}": m.higher_is_better for n, m in trainer.metrics.items()}})
     trainer.sink.hparams(config)
-
 
 
 def _example_inputs(trainer: Trainer) -> Any:
     """The model inputs of one evaluation batch, prepared as in training (for the model summary)."""
-    batch, index = next(iter(trainer.eval_loader.epoch(trainer.state.seed, -1)))
-    batch = trainer.prepare_batch(batch, BatchInfo(index, -1, trainer.state.seed, train=False))
+    batch, index = next(iter(trainer.eval_loader.epoch(trainer.state.seed, EVAL_EPOCH)))
+    batch = trainer.prepare_batch(batch, BatchInfo(index, EVAL_EPOCH, trainer.state.seed, train=False))
     return trainer.task.inputs(batch)
 
 

@@ -245,18 +245,20 @@ class _KeyedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
-        return self.__getitems__([key])[0]
+        with _rngs_preserved():
+            return self._fetch(key)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
         if isinstance(self.dataset, TensorSplit):  # plain tensors: no transforms to seed, one gather
             indices = torch.tensor([i for i, _ in keys], dtype=torch.int64)
             return _Collated((self.dataset.gather(indices), indices))
-        samples = []
         with _rngs_preserved():  # once per batch: saving and restoring the RNGs costs more than seeding them
-            for index, seed in keys:
-                _seed_rngs(seed)
-                samples.append((self.dataset[index], index))
-        return samples
+            return [self._fetch(key) for key in keys]
+
+    def _fetch(self, key: tuple[int, int]) -> tuple[Any, int]:
+        index, seed = key
+        _seed_rngs(seed)
+        return self.dataset[index], index
 
 
 class _KeyedBatches(Sampler[list[tuple[int, int]]]):

@@ -52,7 +52,17 @@ class MainSink(Sink):
         self.metrics: Any = None  # opened at the first record: a resume may rewrite the file before that
         self.progress: Progress | None = None
         self.task: Any = None
-        self.board = _tensorboard(tensorboard) if tensorboard is not None else None
+        # Checked now (a missing package is a start-up error), opened at the first record: a run refused
+        # by a later check leaves no event file behind.
+        self.board_class = _tensorboard() if tensorboard is not None else None
+        self.board_dir = tensorboard
+        self._board: Any = None
+
+    @property
+    def board(self) -> Any:
+        if self._board is None and self.board_class is not None:
+            self._board = self.board_class(log_dir=str(self.board_dir))
+        return self._board
 
     def print(self, *objects: Any) -> None:
         if not self.quiet:
@@ -106,18 +116,18 @@ class MainSink(Sink):
         if self.metrics:
             self.metrics.close()
             self.metrics = None
-        if self.board is not None:
-            self.board.close()
+        if self._board is not None:
+            self._board.close()
 
 
-def _tensorboard(log_dir: Path) -> Any:
+def _tensorboard() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("run.tensorboard=true needs the tensorboard package, which is not installed: "
                         "pip install -e '.[tensorboard]' (or pip install tensorboard), or set run.tensorboard=false."
                         ) from None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter
 
 
 def make_sink(is_main: bool, run_dir: Path, progress: str, tensorboard: bool = False) -> Sink:

@@ -149,7 +149,7 @@ class Trainer:
             announce(self)
             result: dict[str, Any] = {}
             # Signals become a flag only while the loop can act on it; during start-up (imports, process
-            # group, data) they keep their default effect, so a launcher's SIGTERM ends the process at once.
+            # group, data) stop_during_startup's handlers end the process at once with the requeue status.
             self.stop.install()
             self.sink.start(self.total_steps, self.state.global_step)
             while not self._finished():
