@@ -1,5 +1,6 @@
-"""``python -m launcher <command>``: tools around runs (no training happens here).
+"""``python -m launcher <command>``: submit runs, and tools around them.
 
+    python -m launcher submit [flags] -m MODULE [--config FILE] [key=value ...]   submit training to SLURM
     python -m launcher report RUN_DIR [RUN_DIR ...] [--out PNG]   plot and summarise runs
     python -m launcher keys [module:ConfigClass]                  the configuration keys as a markdown table
 """
@@ -17,6 +18,9 @@ from launcher.errors import USAGE_EXIT_CODE, UserError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    from launcher.submit import add_parser as add_submit
+
+    add_submit(commands)
     report = commands.add_parser("report", help="plot training loss, evaluation metrics, learning rate and "
                                  "throughput of runs, and print a summary table")
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -27,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "(default: the keys every task has)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "submit":
+            from launcher.submit import submit
+
+            return submit(args)
         if args.command == "report":
             from launcher.report import report as make_report
 

@@ -185,6 +185,37 @@ class RunConfig:
                           "works), anomaly detection, deterministic kernels, full tracebacks, a model summary")
 
 
+def _sbatch_options(options: tuple[str, ...]) -> str | None:
+    bad = [o for o in options if "=" not in o or not o.split("=", 1)[0].strip()]
+    return f"has {bad[0]!r}, which is not KEY=VALUE (e.g. exclude=node7)" if bad else None
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Defaults of ``python -m launcher submit`` (its flags win); training itself ignores this section."""
+
+    nodes: int = setting(1, "nodes to allocate (`--nodes`)", gt=0, changes_run=False)
+    tasks_per_node: int = setting(0, "ranks per node (`--tasks-per-node`); 0: one per GPU, or 1 without GPUs",
+                                  ge=0, changes_run=False)
+    gpus_per_node: int = setting(0, "GPUs per node (`--gpus-per-node`)", ge=0, changes_run=False)
+    cpus_per_task: int = setting(0, "cores per rank (`--cpus-per-task`); 0: SLURM's default", ge=0, changes_run=False)
+    mem: str = setting("", "memory per node, e.g. `64G` (`--mem`); empty: SLURM's default", changes_run=False)
+    time_min: int = setting(60, "wall-clock limit in minutes (`--time`); the job checkpoints and requeues near it",
+                            gt=0, changes_run=False)
+    partition: str = setting("", "partition (`--partition`); empty: the cluster's default", changes_run=False)
+    account: str = setting("", "account to charge (`--account`)", changes_run=False)
+    qos: str = setting("", "quality of service (`--qos`)", changes_run=False)
+    constraint: str = setting("", "node features, e.g. `a100` (`--constraint`)", changes_run=False)
+    job_name: str = setting("", "job name (`--job-name`); empty: the run's name", changes_run=False)
+    max_timeout_requeues: int = setting(3, "requeues after reaching the time limit before the job gives up "
+                                        "(preemptions are not counted)", ge=0, changes_run=False)
+    signal_delay_s: int = setting(120, "seconds before the time limit at which the ranks are told to checkpoint",
+                                  gt=0, changes_run=False)
+    sbatch: tuple[str, ...] = setting((), "more sbatch options as KEY=VALUE, e.g. `[exclude=node7]` (`--sbatch`)",
+                                      check=_sbatch_options, changes_run=False)
+    log_dir: str = setting("runs/submitit", "where submitit writes the job logs and pickles", changes_run=False)
+
+
 @dataclass(frozen=True)
 class Config:
     """The sections every task has; a task subclasses sections and this root to add its own keys."""
@@ -198,6 +229,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def check(self) -> None:
         """Rules that span several keys; a task's config overrides this and raises ConfigError."""

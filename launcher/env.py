@@ -12,7 +12,8 @@ Precedence, first match wins:
    variables because ``srun torchrun ...`` is a common pattern in which SLURM describes one
    task per node while torchrun describes the real worker processes.
 2. SLURM / submitit: ``SLURM_PROCID`` and a task count are set.
-3. Otherwise a single process.
+3. submitit's local executor (``python -m launcher submit --local``): ``SUBMITIT_LOCAL_GLOBALID``.
+4. Otherwise a single process.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class DistEnv:
             env = _from_torchrun(environ)
         elif _has_slurm(environ):
             env = _from_slurm(environ)
+        elif _get(environ, "SUBMITIT_LOCAL_GLOBALID") is not None:
+            env = _from_submitit_local(environ)
         else:
             env = _single(environ)
         return replace(env, restart_count=_opt_int(environ, "TORCHELASTIC_RESTART_COUNT") or 0,
@@ -596,6 +599,27 @@ def _slurm_master_port(environ: Mapping[str, str]) -> int:
     # `srun ... &` twice) do not both try to host their rendezvous on the same port.
     step = _first(environ, "SLURM_STEP_ID", "SLURM_STEPID")
     return port_from_job_id(job[1], step[1] if step is not None and step[1].isdigit() else None)
+
+
+# --- submitit's local executor ------------------------------------------------------------
+
+
+def _from_submitit_local(environ: Mapping[str, str]) -> DistEnv:
+    """Tasks of ``submit --local``: submitit starts them on this machine and numbers them itself."""
+    why = "SUBMITIT_LOCAL_GLOBALID is"
+    world = _req_int(environ, "SUBMITIT_LOCAL_NTASKS", why)
+    rank = _req_int(environ, "SUBMITIT_LOCAL_GLOBALID", why)
+    job = _get(environ, "SUBMITIT_LOCAL_JOB_ID") or ""
+    port = _port(environ)
+    env = DistEnv(launcher="submitit", rank=rank, local_rank=_req_int(environ, "SUBMITIT_LOCAL_LOCALID", why),
+                  world_size=world, local_world_size=world, node_rank=0, num_nodes=1,
+                  master_addr=DEFAULT_MASTER_ADDR,
+                  master_port=port if port is not None else (port_from_job_id(job) if job else DEFAULT_MASTER_PORT),
+                  job_id=job or None)
+    _validate(env, _Source("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_LOCALID", "SUBMITIT_LOCAL_NTASKS",
+                           "SUBMITIT_LOCAL_NTASKS", "(one node)", "(one node)",
+                           "start local jobs with `python -m launcher submit --local`"))
+    return env
 
 
 # --- single process ----------------------------------------------------------------------

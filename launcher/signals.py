@@ -30,11 +30,28 @@ SIGINT_REPEAT_S = 1.0
 INTERRUPTED_EXIT_CODE = 130
 
 
+_last_received: signal.Signals | None = None
+
+
+def last_stop_signal() -> signal.Signals | None:
+    """The stop signal this process received last (start-up or training), or None.
+
+    A job wrapper (``launcher.submit.TrainJob``) reads it after the run stopped to hand the signal on
+    to the scheduler's own handler (submitit's checkpoint-and-requeue)."""
+    return _last_received
+
+
+def _note(signum: int) -> None:
+    global _last_received
+    _last_received = signal.Signals(signum)
+
+
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; main() maps it to PREEMPTED_EXIT_CODE."""
 
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:
+    _note(signum)
     # os.write, not print: safe inside a handler. SystemExit unwinds through every `finally` (the process
     # group is torn down) and, unlike another exception, ends the process cleanly even during imports.
     os.write(2, f"stopped by {signal.Signals(signum).name} during start-up: nothing new to save; re-run (or "
@@ -71,6 +88,7 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only a store: no I/O, no locks, nothing that could deadlock in a handler.
         if self.received is None:
+            _note(signum)
             self.received = signal.Signals(signum)
             self._at = time.monotonic()
         elif signum == signal.SIGINT and time.monotonic() - self._at > SIGINT_REPEAT_S:

@@ -53,7 +53,7 @@ def announce(trainer: Trainer) -> None:
             ("devices", devices), ("precision", trainer.amp.describe()),
             *trainer.task.describe().items(),
             ("restarts", f"{env.restart_count} torchrun restart(s), {env.requeue_count} SLURM requeue(s)"),
-            *[(k, str(v)) for k, v in flatten(config)]]
+            *[(k, str(v)) for k, v in flatten(config) if not k.startswith("slurm.")]]  # submission, not training
     trainer.sink.print(key_value_table("run", rows))
     if changed:
         trainer.sink.print("changed since the last run: " + ", ".join(changed))
