@@ -242,7 +242,7 @@ def executor_for(res: Resources, local: bool, name: str) -> Any:
                              gpus_per_node=res.gpus_per_node, signal_delay_s=res.signal_delay_s)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_timeout_requeues)
-    extra = dict(option.split("=", 1) for option in res.sbatch)
+    extra: dict[str, Any] = dict(option.split("=", 1) for option in res.sbatch)
     extra.setdefault("requeue", True)  # preempted jobs return to the queue (clusters may default to no-requeue)
     extra.setdefault("chdir", str(Path.cwd()))  # the module and relative paths resolve as they did here
     params: dict[str, Any] = {
