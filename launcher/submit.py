@@ -85,8 +85,10 @@ class TrainJob:
         main: Callable[[list[str]], int] = importlib.import_module(self.module).main
         try:
             return main(argv)
-        except SystemExit as e:  # a stop signal during start-up, or a module that exits itself
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except SystemExit as e:
+            if e.code in (None, 0, PREEMPTED_EXIT_CODE):  # a module that exits itself; a stop during start-up
+                return int(e.code or 0)
+            raise  # e.g. submitit's handler requeueing the job: let it end this attempt
 
     @staticmethod
     def _hand_over(theirs: dict[signal.Signals, Any]) -> None:
@@ -209,7 +211,11 @@ def resolved_config(module: str, config: Path | None, overrides: Sequence[str]) 
         raise SubmitError(f"nothing was submitted: `python -m {module}` refuses this configuration: "
                           f"{last.removeprefix('error: ')}")
     parsed = yaml.safe_load(done.stdout)
-    return parsed if isinstance(parsed, dict) else {}
+    if not isinstance(parsed, dict):
+        raise SubmitError(f"nothing was submitted: `python -m {module} --print-config` printed no configuration; a "
+                          f"module for submit needs main(argv) and must call it under `if __name__ == \"__main__\":` "
+                          f"(see trainers/cifar.py).")
+    return parsed
 
 
 def resources(args: argparse.Namespace, slurm: dict[str, Any]) -> Resources:
@@ -278,6 +284,11 @@ class Plan:
 def plan(args: argparse.Namespace) -> Plan:
     """Check every configuration of the submission and fix the run directories."""
     overrides = [o for o in args.overrides if o != "--"]
+    ours = {*_FLAGS, "--sbatch", "--local", "--dry-run", "--wait"}
+    misplaced = [o for o in overrides if o.split("=", 1)[0] in ours]
+    if misplaced:
+        raise SubmitError(f"{misplaced[0]} is an option of submit, but it comes after -m {args.module}, where "
+                          f"everything goes to the module; put it before -m.")
     sweeps = expand_sweep(overrides)
     configs = [resolved_config(args.module, args.config, sweep) for sweep in sweeps]
     first = configs[0]

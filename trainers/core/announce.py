@@ -60,7 +60,7 @@ def announce(trainer: Trainer) -> None:
     if trainer.cfg.run.debug:
         trainer.sink.print(model_summary(unwrap(trainer.model), _example_inputs(trainer)))
     trainer.sink.metric({"kind": "start", "step": trainer.state.global_step, "epoch": trainer.state.epoch,
-                         "world_size": env.world_size, "torchrun_restarts": env.restart_count,
+                         "world_size": env.world_size, "launcher": env.launcher, "torchrun_restarts": env.restart_count,
                          "slurm_requeues": env.requeue_count, "resumed": bool(trainer.resumed_from),
                          "higher_is_better": {f"test_{n}": m.higher_is_better for n, m in trainer.metrics.items()}})
     trainer.sink.hparams(config)

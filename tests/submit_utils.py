@@ -1,0 +1,79 @@
+"""Helpers for the ``python -m launcher submit`` tests (local executor and real SLURM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.dist_utils import REPO, wait_for
+
+DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
+
+#: 192 steps of the debug model (about 20 s on 2 gloo ranks): room to interrupt a run twice.
+LONG = ["train.epochs=12", "run.log_every=1", "run.deterministic=true", "run.progress=lines"]
+
+#: Launcher variables that would confuse the job if pytest inherited them (e.g. run inside SLURM).
+_FOREIGN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_FOREIGN_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "ACCELERATE_", "SUBMITIT_")
+
+
+def job_environ() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _FOREIGN_VARS and (k == "SLURM_CONF" or not k.startswith(_FOREIGN_PREFIXES))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # sbatch exports this environment: the job's `python` is the one running the tests
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def submit_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launcher", "submit", *args]
+
+
+def start_submit(args: list[str], cwd: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m launcher submit ARGS``; returns the process and the job id it printed."""
+    out = open(log, "w")
+    proc = subprocess.Popen(submit_cmd(*args), cwd=cwd, env=job_environ(), stdout=out, stderr=subprocess.STDOUT)
+    found: list[str] = []
+
+    def printed_job() -> bool:
+        if proc.poll() not in (None, 0):
+            raise AssertionError(f"submit failed ({proc.returncode}):\n{log.read_text()}")
+        found[:] = re.findall(r"^\s+job (\S+): run directory", log.read_text(), re.M)
+        return bool(found)
+
+    wait_for(printed_job, 120, "the job id printed by submit", poll=0.1)
+    return proc, found[0]
+
+
+def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ between {a} and {b}: {different[:5]}"
+
+
+def assert_every_step_once(run_dir: Path, steps: int) -> None:
+    """The interrupted run trained each step exactly once: resumed at the next unseen batch."""
+    logged = [r["step"] for r in records(run_dir, "train")]
+    assert logged == list(range(1, steps + 1)), f"steps logged: {logged}"
