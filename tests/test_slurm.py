@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import REPO
+from tests.dist_utils import REPO, wait_all, wait_for
+from tests.submit_utils import (LONG, assert_every_step_once, assert_same_weights, job_environ, records, start_submit,
+                                submit_cmd)
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 # Subprocess bound for one SLURM command; the pytest timeout below leaves room for clean-up.
@@ -129,3 +131,104 @@ def test_sbatch_two_tasks_without_srun_asks_for_srun(tmp_path: Path) -> None:
     assert "LaunchError" in out, out
     assert "not inside an srun job step" in out, out
     assert "srun python" in out, out
+
+
+# ------------------------------------------------------------------ python -m launcher submit
+
+
+def _job_state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def _start_now_when_pending(job: str) -> None:
+    """A requeued job waits about two minutes before it may start again; let it start at once."""
+    wait_for(lambda: _job_state(job) == "PENDING", 120, f"job {job} to be requeued (PENDING)", poll=0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+
+
+def _wait_job_gone(job: str, timeout: float = COMMAND_TIMEOUT_S) -> None:
+    try:
+        wait_for(lambda: _job_state(job) == "", timeout, f"job {job} to end", poll=0.5)
+    finally:
+        if _job_state(job):
+            subprocess.run(["scancel", job], timeout=30, check=False)
+
+
+def test_submit_wait_two_ranks_trains_to_completion(tmp_path: Path) -> None:
+    result = subprocess.run(submit_cmd("--tasks-per-node", "2", "--time", "5", "--wait", "-m", "trainers.cifar",
+                                       "--config", str(DEBUG_CONFIG), "run.progress=lines"),
+                            cwd=tmp_path, env=job_environ(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = re.search(r"job (\d+): run directory (\S+)", result.stdout)
+    assert job, result.stdout
+    run_dir = Path(job.group(2))
+    assert run_dir == tmp_path / "runs" / f"cifar-debug-{job.group(1)}"
+    assert {"checkpoints", "config.yaml", "metrics.jsonl", "model.pt"} <= {p.name for p in run_dir.iterdir()}
+    start = records(run_dir, "start")
+    assert len(start) == 1 and start[0]["world_size"] == 2 and start[0]["launcher"] == "submitit", start
+    logs = sorted((tmp_path / "runs" / "submitit" / job.group(1)).glob("*_log.out"))
+    assert len(logs) == 2, logs
+    assert "checkpoint step-" in logs[0].read_text()
+    assert "checkpoint step-" not in logs[1].read_text(), "only rank 0 writes and reports checkpoints"
+
+
+def test_submitted_job_survives_time_limit_signal_and_preemption(tmp_path: Path) -> None:
+    """The time-limit signal (USR2, submitit's) and then a preemption (`scontrol requeue`: SIGTERM) hit
+    the same job; each time it checkpoints and is requeued, and it ends with the weights of an
+    uninterrupted run of the same configuration."""
+    common = ["--tasks-per-node", "2", "--time", "10", "-m", "trainers.cifar", "--config", str(DEBUG_CONFIG), *LONG]
+    straight = subprocess.run(submit_cmd("--local", "--wait", *common, f"run.dir={tmp_path / 'straight'}"),
+                              cwd=tmp_path, env=job_environ(), capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+
+    run_dir = tmp_path / "interrupted"
+    proc, job = start_submit([*common, f"run.dir={run_dir}"], tmp_path, tmp_path / "submit.log")
+    assert wait_all([proc], 60, log_file=tmp_path / "submit.log") == [0]
+    try:
+        wait_for(lambda: bool(records(run_dir, "train")), 120, "the first training step", poll=0.05)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as --signal=USR2@N does
+        _start_now_when_pending(job)
+        wait_for(lambda: len(records(run_dir, "start")) == 2 and records(run_dir, "train")[-1]["step"] >
+                 records(run_dir, "start")[1]["step"], 120, "the requeued job to train again", poll=0.05)
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)  # preemption: SIGTERM, then requeue
+        _start_now_when_pending(job)
+        _wait_job_gone(job)
+    finally:
+        subprocess.run(["scancel", job], timeout=30, check=False)
+    log = (tmp_path / "runs" / "submitit" / job / f"{job}_0_log.out").read_text()
+    starts = records(run_dir, "start")
+    assert len(starts) == 3, f"expected 3 starts (2 requeues), got {starts}\n{log[-3000:]}"
+    assert [s["slurm_requeues"] for s in starts] == [0, 1, 2] and all(s["step"] > 0 for s in starts[1:]), starts
+    assert log.count("Stop signal received: checkpoint written") == 2, log[-3000:]
+    assert "Requeued job" in log, "the time-limit signal was handed to submitit, which requeued the job"
+    assert_every_step_once(run_dir, 192)
+    assert_same_weights(run_dir, tmp_path / "straight")
+
+
+@pytest.mark.parametrize("template", ["cifar.sbatch", "torchrun.sbatch"])
+def test_sbatch_template_requeues_near_the_time_limit_and_completes(tmp_path: Path, template: str) -> None:
+    """The templates for users without submitit: the time-limit warning (USR1 to the batch shell) leads to
+    a checkpoint and a requeue, and the requeued job completes."""
+    run_dir = tmp_path / "run"
+    out = tmp_path / "job.out"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={out}", "--time=10",
+         str(REPO / "slurm" / template), "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", *LONG],
+        cwd=REPO, env=job_environ(), capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: bool(records(run_dir, "train")), 120, "the first training step", poll=0.05)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+        _start_now_when_pending(job)
+        _wait_job_gone(job)
+    finally:
+        subprocess.run(["scancel", job], timeout=30, check=False)
+    text = out.read_text()
+    assert "time limit near" in text and f"requeueing job {job}" in text, text[-3000:]
+    starts = records(run_dir, "start")
+    assert len(starts) == 2 and starts[1]["step"] > 0 and starts[1]["slurm_requeues"] == 1, starts
+    assert_every_step_once(run_dir, 192)
+    assert (run_dir / "model.pt").is_file(), text[-3000:]
