@@ -492,3 +492,16 @@ def test_concurrent_srun_steps_of_one_job_get_different_ports() -> None:
     assert step0.master_port != step1.master_port
     assert step0.master_port == DistEnv.from_environ(slurm_env(1, 1, 0, 2, 1, "2")).master_port, "ranks agree"
     assert port_from_job_id("123", "4") != port_from_job_id("123_4")
+
+
+def test_submitit_local_executor_tasks() -> None:
+    env = DistEnv.from_environ({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+                                "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "4242"})
+    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.num_nodes) == ("submitit", 1, 1, 2, 1)
+    assert env.master_addr == "127.0.0.1" and env.master_port == port_from_job_id("4242")
+
+
+def test_submitit_local_rank_outside_the_world_is_an_error() -> None:
+    with pytest.raises(LaunchError, match="SUBMITIT_LOCAL_GLOBALID=2 is outside"):
+        DistEnv.from_environ({"SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_LOCALID": "0",
+                              "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "1"})
