@@ -374,6 +374,9 @@ def submit(args: argparse.Namespace) -> int:
     ex = executor_for(p.res, args.local, p.name)
     tjobs = p.jobs()
     jobs = ex.submit_array(tjobs) if len(tjobs) > 1 else [ex.submit(tjobs[0])]
+    placeholder = Path(p.res.log_dir).absolute() / "%j"  # the local executor creates its folder pattern literally
+    if placeholder.is_dir() and not any(placeholder.iterdir()):
+        placeholder.rmdir()
     where = "locally" if args.local else "to SLURM"
     print(f"submitted {len(jobs)} job(s) {where}, {p.res.nodes} node(s) x {p.res.ranks_per_node} rank(s) each:")
     for job, tj in zip(jobs, tjobs):
