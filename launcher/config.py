@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import keyword
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -167,6 +168,9 @@ class CheckpointConfig:
                                "first metric)", changes_run=False)
     resume: str = setting("auto", "`auto` (newest valid checkpoint in `run.dir`), `never`, or a checkpoint path",
                           check=_existing_checkpoint, changes_run=False)
+    async_: bool = setting(False, "write checkpoints in a background thread: training waits only for a copy of the "
+                           "state in host memory (same atomic files; the stop checkpoint is always waited for)",
+                           changes_run=False)
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,23 @@ RENAMED = {
 # ----------------------------------------------------------------------------------- the schema
 
 
+def field_name(key: str) -> str:
+    """The dataclass field behind one part of a key: a Python keyword (``checkpoint.async``) cannot be a
+    field name, so such a key is stored in a field with a trailing underscore (``async_``)."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def key_name(field: str) -> str:
+    """The key a user types for a field: ``async_`` -> ``async``; every other name is unchanged."""
+    return field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
+
+
+def _rename_keys(data: Any, rename: Callable[[str], str]) -> Any:
+    if isinstance(data, dict):
+        return {rename(k) if isinstance(k, str) else k: _rename_keys(v, rename) for k, v in data.items()}
+    return data
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One settable key of a schema, with its documentation and validation."""
@@ -266,10 +287,10 @@ def leaves(schema: type = Config, prefix: str = "") -> Iterator[Leaf]:
     for f in dataclasses.fields(schema):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            yield from leaves(hint, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+            yield from leaves(hint, f"{prefix}{key_name(f.name)}.")  # type: ignore[arg-type]
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        yield Leaf(f"{prefix}{f.name}", hint, default, f.metadata.get("doc", ""), dict(f.metadata))
+        yield Leaf(f"{prefix}{key_name(f.name)}", hint, default, f.metadata.get("doc", ""), dict(f.metadata))
 
 
 def fingerprint(cfg: Config) -> str:
@@ -379,7 +400,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     for layer, source in layers:
         _check_keys(layer, source, schema)
         try:
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, _rename_keys(OmegaConf.to_container(layer), field_name))
         except OmegaConfBaseException as e:
             raise _explain(e, source, schema) from None
     cfg: C = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -390,7 +411,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
 def get(cfg: Any, key: str) -> Any:
     """The value at a dotted key, e.g. ``get(cfg, "train.batch_size")``."""
     for part in key.split("."):
-        cfg = getattr(cfg, part)
+        cfg = getattr(cfg, field_name(part))
     return cfg
 
 
@@ -421,7 +442,7 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of builtins (enums as their values), for YAML, JSON and checkpoints."""
-    return _plain(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+    return _rename_keys(_plain(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)), key_name)
 
 
 def _plain(value: Any) -> Any:

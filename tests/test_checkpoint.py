@@ -356,3 +356,26 @@ def test_explicit_path_is_checked_against_its_manifest(tmp_path: Path) -> None:
     flip_middle(path)
     with pytest.raises(CheckpointError, match="sha256|hash"):
         load_checkpoint(path)
+
+
+def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path: Path) -> None:
+    from trainers.core.checkpoint import BackgroundSaver
+
+    saver = BackgroundSaver(CheckpointManager(tmp_path / "ckpt"))
+    live = torch.zeros(1000)
+    path = saver.save({"w": live, "meta": {"step": 1}}, step=1)
+    live += 1  # training goes on changing the live tensor while the file is written
+    saver.wait()
+    loaded, found = CheckpointManager(tmp_path / "ckpt").load_latest()  # type: ignore[misc]
+    assert found == path and torch.equal(loaded["w"], torch.zeros(1000)) and loaded["meta"] == {"step": 1}
+
+    saver.save({"w": live}, step=2)
+    saver.save({"w": live + 1}, step=3)  # waits for step 2 first: writes land in order
+    saver.wait()
+    assert [p.name for p in CheckpointManager(tmp_path / "ckpt").list()] == [
+        "step-00000001.pt", "step-00000002.pt", "step-00000003.pt"]
+
+    saver.save({"w": live, "oops": lambda: None}, step=4)  # cannot be pickled: the write fails in the thread ...
+    with pytest.raises(Exception, match="(?i)pickle"):  # ... and the training thread hears of it
+        saver.wait()
+    assert CheckpointManager(tmp_path / "ckpt").load_latest()[1].name == "step-00000003.pt"  # type: ignore[index]

@@ -50,13 +50,15 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "model.pt", weights_only=True)
 
 
-def test_sigterm_to_one_rank_then_resume_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writes", [[], ["checkpoint.async=true", "checkpoint.every_steps=7"]],
+                         ids=["sync", "background-writes"])
+def test_sigterm_to_one_rank_then_resume_is_bit_identical(tmp_path: Path, writes: list[str]) -> None:
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert _run_ranks_to_end(_train_args(straight), 2, tmp_path / "logs-a") == [0, 0]
 
     logs = tmp_path / "logs-b"
     logs.mkdir()
-    procs = start_ranks(_train_args(broken), 2, log_dir=logs)
+    procs = start_ranks(_train_args(broken, *writes), 2, log_dir=logs)
     wait_for(lambda: _last_step(broken) >= 10 or any(p.poll() is not None for p in procs), 240,
              "the interrupted run to reach step 10")
     procs[1].send_signal(signal.SIGTERM)  # one rank is enough: the ranks agree at the next step
@@ -68,7 +70,7 @@ def test_sigterm_to_one_rank_then_resume_is_bit_identical(tmp_path: Path) -> Non
     assert 0 < state["train_state"]["step_in_epoch"] < 64, "the interruption must fall inside an epoch"
     assert len(state["ranks"]) == 2 and "python" in state["ranks"][1]["rng"]
 
-    assert _run_ranks_to_end(_train_args(broken), 2, tmp_path / "logs-c") == [0, 0]
+    assert _run_ranks_to_end(_train_args(broken, *writes), 2, tmp_path / "logs-c") == [0, 0]
     resumed_log = (tmp_path / "logs-c" / "rank0.log").read_text()
     assert f"Resumed from {path}" in resumed_log
 

@@ -17,6 +17,7 @@ under a checkpoint name. Everything here is plain file I/O and knows nothing abo
 from __future__ import annotations
 
 import builtins
+import copy
 import errno
 import hashlib
 import json
@@ -24,6 +25,7 @@ import math
 import os
 import random
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -453,3 +455,57 @@ def _clean_metric(metric: float | None) -> float | None:
         return None
     value = float(metric)
     return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- background writes
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of ``value`` whose tensors live in host memory and no longer share storage with the live
+    state, so that training may go on changing parameters and optimizer buffers while it is written."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class BackgroundSaver:
+    """Writes checkpoints through a ``CheckpointManager`` in one background thread, one at a time.
+
+    ``save`` returns once the state is copied to host memory; the file, ``latest`` and the manifest are
+    written by the thread with the manager's usual atomic discipline. A second ``save`` (and ``wait``)
+    first waits for the one in flight, and re-raises its error, so checkpoints land in order and a failed
+    write is never silent.
+    """
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.written: Path | None = None
+
+    def save(self, state: dict[str, Any], step: int, metric: float | None = None) -> Path:
+        self.wait()
+        copied = snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(copied, step, metric), name="checkpoint-writer",
+                                        daemon=False)  # not a daemon: the interpreter finishes the write on exit
+        self._thread.start()
+        return self.manager.directory / f"step-{step:08d}.pt"
+
+    def _write(self, state: dict[str, Any], step: int, metric: float | None) -> None:
+        try:
+            self.written = self.manager.save(state, step, metric)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

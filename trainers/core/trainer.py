@@ -23,7 +23,8 @@ from launcher.runtime import Runtime, seed_everything
 from launcher.signals import Preempted, StopFlag
 from trainers.core.amp import Amp
 from trainers.core.announce import announce, summarize
-from trainers.core.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state, strip_prefixes
+from trainers.core.checkpoint import (BackgroundSaver, CheckpointManager, load_checkpoint, rng_state, set_rng_state,
+                                      strip_prefixes)
 from trainers.core.data import (DeviceLoader, EvalShard, HostLoader, ResumableDistributedSampler, chunk,
                                 make_loader, per_rank_batch, tree_map)
 from trainers.core.evaluation import describe, evaluate
@@ -69,6 +70,8 @@ class Trainer:
         self.best_name, self.best_sign = self._best_metric()
         self.ckpt = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                                       log=self.sink.print)
+        # checkpoint.async: rank 0 copies the state to host memory and a thread writes it
+        self.writer = BackgroundSaver(self.ckpt) if cfg.checkpoint.async_ else None
         self.registry = self._registry()
         self.window = torch.zeros((), device=rt.device)  # this rank's loss sum since the last log line
         self.window_steps = 0
@@ -163,8 +166,17 @@ class Trainer:
             summarize(self, result)
         finally:
             self.stop.restore()
+            self._finish_background_write()
             self.sink.close()
         return {**result, "global_step": self.state.global_step}
+
+    def _finish_background_write(self) -> None:
+        """A checkpoint still being written when the run ends (an error, an interrupt) is completed."""
+        if self.writer is not None:
+            try:
+                self.writer.wait()
+            except Exception as e:  # noqa: BLE001 - the run is already ending; its own error matters more
+                self.sink.print(f"checkpoint: the background write failed: {e}")
 
     def _done(self) -> bool:
         return self.state.global_step >= self.total_steps
@@ -244,7 +256,7 @@ class Trainer:
         # checkpoint comes after that epoch's evaluation (a resume must not evaluate it twice).
         mid_epoch = self.state.step_in_epoch < self.steps_per_epoch
         if stop or (mid_epoch and self._step_save_due()):
-            self.save()
+            self.save(wait=stop)
         if stop:
             self.sink.print(f"Stop signal received: checkpoint written at step {self.state.global_step}; exiting.")
             raise Preempted(self.state.global_step)
@@ -327,15 +339,23 @@ class Trainer:
         """What differs between ranks: RNG streams and the unlogged loss window."""
         return {"rng": rng_state(self.rt.device), "window": self.window.item(), "window_steps": self.window_steps}
 
-    def save(self, final: bool = False, metric: float | None = None) -> None:
-        """Checkpoint the current state (called on every rank; rank 0 writes)."""
+    def save(self, final: bool = False, metric: float | None = None, wait: bool = False) -> None:
+        """Checkpoint the current state (called on every rank; rank 0 writes).
+
+        With checkpoint.async, a periodic checkpoint is written in the background; the final one and the
+        stop checkpoint (``wait``) are on disk before this returns."""
         self._sync_buffers(unwrap(self.model))
         ranks = self.rt.gather_objects(self._rank_state(), "checkpoint")
         if self.rt.is_main:
             state = {**self.registry.state_dict(), "ranks": ranks, "world_size": self.rt.world_size,
                      "config": to_dict(self.cfg)}
-            path = self.ckpt.save(state, self.state.global_step, metric)
-            self.sink.print(f"checkpoint {path.name}" + (" (final)" if final else ""))
+            background = self.writer is not None and not (final or wait)
+            if self.writer is not None and not background:
+                self.writer.wait()
+            path = (self.writer.save if background and self.writer else self.ckpt.save)(
+                state, self.state.global_step, metric)
+            self.sink.print(f"checkpoint {path.name}" + (" (final)" if final else " (writing in the background)"
+                                                         if background else ""))
         self.rt.barrier("checkpoint")
 
     def _save_model(self) -> None:
