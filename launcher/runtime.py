@@ -110,6 +110,16 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
+    def max_all(self, values: list[float], name: str) -> list[float]:
+        """The element-wise maximum of ``values`` over all ranks, on every rank (one small all-reduce on the
+        control group)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        with self.phase(name):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return t.tolist()
+
     def gather_objects(self, obj: T, name: str) -> list[T]:
         """Every rank's ``obj``, in rank order, on every rank (small picklable objects only)."""
         if not self.distributed:

@@ -79,7 +79,8 @@ class Trainer:
         self.trained = [0, 0.0]  # (steps, seconds) of training in this process, for the final summary
         # Steps between stop-signal agreements; set from the all-reduced step time at each log line, so
         # every rank has the same value and all ranks stop at the same step.
-        self.stop_every = 1
+        self.stop_every = 1  # steps between stop agreements; set from the measured step time at each agreement
+        self._checked = (time.perf_counter(), 0)  # (time, global step) of the last agreement
         self.resumed_from: Path | None = None
 
     # ----------------------------------------------------------------------------------- building
@@ -251,7 +252,7 @@ class Trainer:
         """Step-boundary duties: periodic checkpoints and the agreed stop on a signal."""
         # At the last step a stop is moot: the run finishes and writes its final checkpoint anyway.
         due = self.state.global_step % self.stop_every == 0
-        stop = due and self.rt.any(self.stop.requested, "preemption check") and not self._done()
+        stop = due and self._agree_on_stop() and not self._done()
         # A periodic save that falls on an epoch's last step waits for _end_of_epoch, so that the
         # checkpoint comes after that epoch's evaluation (a resume must not evaluate it twice).
         mid_epoch = self.state.step_in_epoch < self.steps_per_epoch
@@ -260,6 +261,17 @@ class Trainer:
         if stop:
             self.sink.print(f"Stop signal received: checkpoint written at step {self.state.global_step}; exiting.")
             raise Preempted(self.state.global_step)
+
+    def _agree_on_stop(self) -> bool:
+        """True on every rank if any rank received a stop signal. The same all-reduce carries the slowest
+        rank's time per step since the previous check, from which every rank derives the same interval to
+        the next check (about STOP_CHECK_S of training): agreeing costs next to nothing at any step rate."""
+        now, step = time.perf_counter(), self.state.global_step
+        per_step = (now - self._checked[0]) / max(1, step - self._checked[1])
+        flag, slowest = self.rt.max_all([float(self.stop.requested), per_step], "preemption check")
+        self._checked = (now, step)
+        self.stop_every = max(1, min(STOP_CHECK_MAX_STEPS, int(STOP_CHECK_S / slowest) if slowest > 0 else 1))
+        return flag > 0
 
     def _step_save_due(self) -> bool:
         every = self.cfg.checkpoint.every_steps
@@ -294,14 +306,10 @@ class Trainer:
     def _log_train(self) -> None:
         """Log the mean training loss since the last log line (all ranks take part in the reduction)."""
         timed_steps, seconds = self.timing
-        local = torch.cat([self.window.reshape(1), torch.tensor([seconds], device=self.rt.device)])
-        total, all_seconds = self.rt.all_reduce(local, "loss logging").tolist()
+        total = self.rt.all_reduce(self.window.reshape(1).clone(), "loss logging").item()
         steps = self.window_steps
         mean = total / self.rt.world_size / steps
         lr = self.scheduler.get_last_lr()[0]
-        if timed_steps and all_seconds > 0:
-            step_s = all_seconds / self.rt.world_size / timed_steps
-            self.stop_every = max(1, min(STOP_CHECK_MAX_STEPS, int(STOP_CHECK_S / step_s)))
         rate = timed_steps * self.cfg.train.batch_size / seconds if seconds > 0 else 0.0
         if not self.sink.live:  # the live display shows these instead
             self.sink.print(f"epoch {self.state.epoch}  step {self.state.global_step}/{self.total_steps}  "

@@ -1,0 +1,75 @@
+"""Training-loop measurements shared by the benchmarks: the real Trainer on 1 or 2 gloo ranks, timed over
+one epoch after a warm-up epoch, in fresh processes so that each setting starts from the same state."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A tiny model on tiny batches: hundreds of steps per second, so that per-step costs show.
+FAST_STEPS = ["model.width=2", "train.batch_size=8", "data.synthetic_train_size=4096", "data.synthetic_test_size=10",
+              "eval.batch_size=10", "data.loader=device", "train.epochs=10"]
+#: The debug recipe's own model and batch (configs/cifar_debug.yaml): a few tens of steps per second.
+DEBUG_STEPS = ["data.loader=device", "train.epochs=10", "data.synthetic_train_size=4096"]
+
+
+def _rank(rank: int, world: int, port: int, threads: int, overrides: list[str], mode: str, out: Any) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(threads)
+    from launcher.config import load_config
+    from launcher.runtime import distributed
+    from trainers.cifar import CifarConfig, CifarTask
+    from trainers.core import trainer as loop
+
+    if mode == "stop-every-step":  # the agreement at every step, as before it was amortized
+        loop.STOP_CHECK_S, loop.STOP_CHECK_MAX_STEPS = 0.0, 1
+    elif mode == "no-stop-check":  # never agree (a run that could not be stopped cleanly)
+        loop.STOP_CHECK_S, loop.STOP_CHECK_MAX_STEPS = 1e9, 10**12
+    with tempfile.TemporaryDirectory() as run_dir:
+        logging = ["run.progress=quiet", "run.log_every=1000000"]
+        if mode == "logging-on":  # the defaults: a line and a metrics record every 50 steps, into a log file
+            logging = ["run.progress=lines"]
+            os.dup2(os.open(os.path.join(run_dir, "stdout.log"), os.O_WRONLY | os.O_CREAT), 1)
+        cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
+            f"run.dir={run_dir}", "checkpoint.every_epochs=0", "checkpoint.resume=never", "run.log_every=50",
+            *logging, *overrides], schema=CifarConfig)
+        with distributed(cfg.dist) as rt:
+            trainer = loop.Trainer(CifarTask(cfg), rt, Path(run_dir))
+            trainer.sink.start(trainer.total_steps, 0)
+            trainer.train_epoch(0)  # warm-up: allocations, first-step costs
+            start = time.perf_counter()
+            trainer.train_epoch(1)
+            seconds = time.perf_counter() - start
+            trainer.sink.stop()
+            trainer.sink.close()
+    if rank == 0:
+        out.put(trainer.steps_per_epoch * cfg.train.batch_size / seconds)
+
+
+def samples_per_second(world: int, threads: int, overrides: list[str], mode: str = "") -> float:
+    """Global samples/s of one training epoch of the debug task on ``world`` gloo ranks."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rank, args=(r, world, port, threads, overrides, mode, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return float(out.get(timeout=900))
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
