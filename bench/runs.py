@@ -47,6 +47,7 @@ def _rank(rank: int, world: int, port: int, threads: int, overrides: list[str], 
             trainer = loop.Trainer(CifarTask(cfg), rt, Path(run_dir))
             trainer.sink.start(trainer.total_steps, 0)
             trainer.train_epoch(0)  # warm-up: allocations, first-step costs
+            trainer.state.epoch, trainer.state.step_in_epoch = 1, 0  # as the end of an epoch leaves it
             start = time.perf_counter()
             trainer.train_epoch(1)
             seconds = time.perf_counter() - start
