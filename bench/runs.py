@@ -74,3 +74,58 @@ def samples_per_second(world: int, threads: int, overrides: list[str], mode: str
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
+
+
+def _stop_check_rank(rank: int, port: int, epochs: int, out: Any) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from launcher.config import load_config
+    from launcher.runtime import distributed
+    from trainers.cifar import CifarConfig, CifarTask
+    from trainers.core import trainer as loop
+
+    default = loop.STOP_CHECK_S
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
+            f"run.dir={run_dir}", "checkpoint.every_epochs=0", "checkpoint.resume=never", "run.progress=quiet",
+            "run.log_every=1000000", *FAST_STEPS, "data.synthetic_train_size=2048", f"train.epochs={epochs + 1}"],
+            schema=CifarConfig)
+        with distributed(cfg.dist) as rt:
+            trainer = loop.Trainer(CifarTask(cfg), rt, Path(run_dir))
+            trainer.sink.start(trainer.total_steps, 0)
+            trainer.train_epoch(0)  # warm-up
+            for epoch in range(1, epochs + 1):
+                checking = epoch % 2 == 1  # alternate epoch by epoch, in the same processes
+                loop.STOP_CHECK_S = default if checking else 1e9
+                trainer.stop_every = 1 if checking else 10**12  # 1: recalibrates at the next step
+                trainer.state.epoch, trainer.state.step_in_epoch = epoch, 0
+                start = time.perf_counter()
+                trainer.train_epoch(epoch)
+                rates[checking].append(trainer.steps_per_epoch / (time.perf_counter() - start))
+            trainer.sink.stop()
+            trainer.sink.close()
+    if rank == 0:
+        out.put((rates[True], rates[False]))
+
+
+def stop_check_rates(epochs: int = 12) -> tuple[list[float], list[float]]:
+    """Steps/s of 2 gloo ranks with the stop agreement (the default interval) and without it, alternating
+    epoch by epoch within one run, so that both settings see the same processes and machine state."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_stop_check_rank, args=(r, port, epochs, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        with_check, without = out.get(timeout=900)
+        return with_check, without
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()

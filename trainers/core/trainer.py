@@ -39,7 +39,7 @@ from trainers.core.task import BatchInfo, Task
 DEBUG_BATCHES = 4
 #: Ranks agree on a stop signal about this often (seconds of training): every step when steps are slow,
 #: every k steps when they are fast, so that the agreement costs next to nothing at any speed.
-STOP_CHECK_S = 0.05
+STOP_CHECK_S = 0.2
 STOP_CHECK_MAX_STEPS = 100
 
 
