@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher.submit import TrainJob, add_parser, expand_sweep, resources
 from tests.dist_utils import REPO, run_command, wait_all, wait_for
@@ -191,3 +192,15 @@ def test_train_job_hands_the_signal_to_the_handler_it_replaced(monkeypatch: pyte
     with pytest.raises(SystemExit) as ended:
         TrainJob._hand_over({signal.SIGUSR2: lambda s, f: calls.append(s)})
     assert calls == [signal.SIGUSR2] and ended.value.code == signals.PREEMPTED_EXIT_CODE
+
+
+def test_local_job_array_one_run_directory_per_value(tmp_path: Path) -> None:
+    result = run_command(submit_cmd("--local", "--wait", "-m", "trainers.cifar", "--config", str(DEBUG_CONFIG),
+                                    "run.progress=quiet", "train.epochs=1", "optim.lr=0.05,0.2"),
+                         cwd=tmp_path, timeout=300, env=job_environ())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "submitted 2 job(s)" in result.stdout, result.stdout
+    run_dirs = sorted((tmp_path / "runs").glob("cifar-debug-*"))
+    assert len(run_dirs) == 2, run_dirs
+    lrs = sorted(yaml.safe_load((d / "config.yaml").read_text())["optim"]["lr"] for d in run_dirs)
+    assert lrs == [0.05, 0.2]
