@@ -208,6 +208,9 @@ def resolved_config(module: str, config: Path | None, overrides: Sequence[str]) 
     if done.returncode != 0:
         message = (done.stderr.strip() or done.stdout.strip()).splitlines()
         last = message[-1] if message else f"exit status {done.returncode}"
+        if "No module named" in last:
+            raise SubmitError(f"nothing was submitted: -m {module} cannot be imported ({last}); give a module path "
+                              f"such as trainers.cifar, importable from this directory.")
         raise SubmitError(f"nothing was submitted: `python -m {module}` refuses this configuration: "
                           f"{last.removeprefix('error: ')}")
     parsed = yaml.safe_load(done.stdout)
