@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -136,14 +137,29 @@ def test_sbatch_two_tasks_without_srun_asks_for_srun(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ python -m launcher submit
 
 
-def _job_state(job: str) -> str:
+def _job_state(job: str) -> str | None:
+    """The job's state as squeue shows it, "" once SLURM no longer lists it, None if squeue failed (busy)."""
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:
+        return None
     return out.stdout.strip()
 
 
+def _node_idle() -> bool:
+    """The node has finished cleaning up after the previous run of a requeued job (not COMPLETING)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return out.returncode == 0 and out.stdout.split() == ["idle"]
+
+
 def _start_now_when_pending(job: str) -> None:
-    """A requeued job waits about two minutes before it may start again; let it start at once."""
-    wait_for(lambda: _job_state(job) == "PENDING", 120, f"job {job} to be requeued (PENDING)", poll=0.2)
+    """A requeued job waits about two minutes before it may start again; let it start at once, but only once
+    the node has finished with its previous run (started earlier, slurmd refuses it: "credential revoked")."""
+    wait_for(lambda: _job_state(job) == "PENDING" and _node_idle(), 120,
+             f"job {job} to be requeued (PENDING) and the node to be idle", poll=0.2)
+    # slurmd refuses a launch credential issued in the same second as the revocation of the previous run's
+    # ("Job credential revoked"; it compares whole seconds), so the new start must fall in a later second.
+    requeued_at = int(time.time())
+    wait_for(lambda: int(time.time()) >= requeued_at + 2, 5, "the clock to pass the revocation second", poll=0.05)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
 
 
