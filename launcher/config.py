@@ -135,7 +135,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class SchedConfig:
     name: str = setting("cosine", "`cosine` (to `final_lr`), `onecycle` (torch OneCycleLR), `step` (x`gamma` every "
-                        "`step_epochs`) or `constant`", choices=("cosine", "onecycle", "step", "constant"))
+                        "`step_epochs`), `triangle` (linear from `initial_lr` up to the peak at `warmup_epochs`, "
+                        "linear down to `final_lr`) or `constant`",
+                        choices=("cosine", "onecycle", "step", "triangle", "constant"))
+    initial_lr: float = setting(0.0, "`triangle`: learning rate at the first step, as a fraction of the peak", ge=0)
     warmup_epochs: float = setting(1.0, "linear warm-up from ~0 to the peak (for `onecycle`: its rising phase)", ge=0)
     final_lr: float = setting(0.0, "`cosine`: learning rate at the end, as a fraction of the peak", ge=0)
     step_epochs: float = setting(30.0, "`step`: epochs between decays", gt=0)

@@ -50,11 +50,14 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("writes", [[], ["checkpoint.async=true", "checkpoint.every_steps=7"]],
-                         ids=["sync", "background-writes"])
+@pytest.mark.parametrize("writes", [[], ["checkpoint.async=true", "checkpoint.every_steps=7"],
+                                    ["train.lookahead=true", "train.flip=alternate", "train.pad=2",
+                                     "train.pad_mode=reflect", "eval.tta=mirror_translate", "sched.name=triangle",
+                                     "sched.initial_lr=0.2", "optim.no_decay_lr_scale=4"]],
+                         ids=["sync", "background-writes", "fast-recipe-parts"])
 def test_sigterm_to_one_rank_then_resume_is_bit_identical(tmp_path: Path, writes: list[str]) -> None:
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert _run_ranks_to_end(_train_args(straight), 2, tmp_path / "logs-a") == [0, 0]
+    assert _run_ranks_to_end(_train_args(straight, *writes), 2, tmp_path / "logs-a") == [0, 0]
 
     logs = tmp_path / "logs-b"
     logs.mkdir()

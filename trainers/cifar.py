@@ -18,14 +18,23 @@ if __name__ == "__main__":
 # The heavy imports come after the --help check on purpose.
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from launcher.runtime import Runtime
 from trainers.cifar_data import (CIFAR10_MEAN, CIFAR10_STD, ArrayDataset, DatasetUnavailable, download_cifar10,
                                  load_cifar10, synthetic_cifar10)
 from trainers.core import BatchInfo, Task, run_task
 from trainers.core.data import Augment, Normalize
-from trainers.models import build_model
+from trainers.core.optim import build_optimizer
+from trainers.core.state import Stateful
+from trainers.models import build_model, init_whitening
+
+#: Lookahead: every this many steps the weights move to their running average.
+LOOKAHEAD_EVERY = 5
+#: Training images (at most) whose 2x2 patches set the whitening layer of model.name=airbench.
+WHITENING_IMAGES = 5000
 
 #: The synthetic dataset is fixed (not tied to run.seed): changing the seed must not change the data.
 SYNTHETIC_SEED = 1234
@@ -42,6 +51,34 @@ def _agree(rt: Runtime, step: str, action: Callable[[], None]) -> str | None:
     return failures[0] if failures else None
 
 
+class Lookahead:
+    """Lookahead averaging (as in the airbench recipe): every LOOKAHEAD_EVERY steps the running average moves
+    towards the weights by (1 - decay) and the weights are set to it; decay rises as 0.95^5 * (step/total)^3,
+    and at the last step the weights become the average."""
+
+    def __init__(self) -> None:
+        self.average: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        if not self.average:
+            self.average = {k: v.detach().clone() for k, v in live.items()}
+        last = step >= total_steps
+        if step % LOOKAHEAD_EVERY and not last:
+            return
+        decay = 1.0 if last else 0.95 ** 5 * (step / total_steps) ** 3
+        for k, v in live.items():
+            self.average[k].lerp_(v, 1 - decay)
+            v.copy_(self.average[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.clone() for k, v in self.average.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.average = {k: v.clone() for k, v in state.items()}
+
+
 class CifarTask(Task[CifarConfig]):
     """CIFAR-10 with a 32x32 ResNet-18 (or the tiny CNN), real or synthetic data."""
 
@@ -52,15 +89,51 @@ class CifarTask(Task[CifarConfig]):
         super().__init__(cfg)
         self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
         self.augment: Augment | None = None
+        self.train_images: torch.Tensor | None = None
+        self.lookahead = Lookahead() if cfg.train.lookahead else None
         self.source = ""  # which data this run trains on, for the start-up table
 
     def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model.name, self.cfg.model.width)
+        model = build_model(self.cfg.model.name, self.cfg.model.width)
+        whiten = next(model.children(), None)
+        if self.cfg.model.name == "airbench" and isinstance(whiten, nn.Conv2d) and self.train_images is not None:
+            # The same images on every rank, so every rank computes the same filters.
+            init_whitening(whiten, self.normalize(self.train_images[:WHITENING_IMAGES]))
+        return model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        optimizer = build_optimizer(self.cfg.optim, model)
+        for group in optimizer.param_groups:
+            if group["weight_decay"] == 0:  # biases and norm layers
+                group["lr"] *= self.cfg.optim.no_decay_lr_scale
+        return optimizer
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        x = self.inputs(batch)
+        tta = self.cfg.eval.tta
+        if model.training or tta == "none":
+            return model(x)
+        mirrored = 0.5 * (model(x) + model(x.flip(-1)))
+        if tta == "mirror":
+            return mirrored
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # shifted by one pixel up-left and down-right
+        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        return 0.5 * mirrored + 0.25 * sum(0.5 * (model(s) + model(s.flip(-1))) for s in shifted)
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        if self.lookahead is not None:
+            self.lookahead.step(model, step, total_steps)
+
+    def state(self) -> dict[str, Stateful]:
+        return {"lookahead": self.lookahead} if self.lookahead is not None else {}
 
     def build_data(self, rt: Runtime) -> tuple[ArrayDataset, ArrayDataset]:
         train, test = self._load(rt)
+        self.train_images = train.tensors[0]
         if self.cfg.train.augment:
-            self.augment = Augment(len(train))
+            t = self.cfg.train
+            self.augment = Augment(len(train), pad=t.pad, reflect=t.pad_mode == "reflect",
+                                   alternate_flip=t.flip == "alternate")
         self.source += f": {len(train):,} train / {len(test):,} test images"
         return train, test
 

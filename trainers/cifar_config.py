@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, redefault, setting
+from launcher.config import (Config, ConfigError, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig, redefault,
+                             setting)
 
 
 @dataclass(frozen=True)
@@ -20,19 +21,34 @@ class CifarData(DataConfig):
 
 @dataclass(frozen=True)
 class CifarModel(ModelConfig):
-    name: str = setting("resnet18", "`resnet18` (32x32 variant: 3x3 stem, no max-pool) or `tiny` (a small CNN for "
-                        "tests and demos)", choices=("resnet18", "tiny"))
-    width: int = setting(64, "channels of the first stage (`tiny` only; `resnet18` keeps 64)", gt=0)
+    name: str = setting("resnet18", "`resnet18` (32x32 variant: 3x3 stem, no max-pool), `airbench` (the fast recipe's "
+                        "network, whitening set from the training images) or `tiny` (a small CNN for tests and demos)",
+                        choices=("resnet18", "airbench", "tiny"))
+    width: int = setting(64, "channels of the first stage (`tiny` only; the others keep their own)", gt=0)
 
 
 @dataclass(frozen=True)
 class CifarTrain(TrainConfig):
-    augment: bool = setting(True, "random crop (pad 4) and horizontal flip, as batched tensor ops on the device")
+    augment: bool = setting(True, "random crop (pad `pad`) and horizontal flip, as batched tensor ops on the device")
+    pad: int = setting(4, "crop augmentation: padding in pixels (a random crop back to 32x32); 0: no crop", ge=0)
+    pad_mode: str = setting("zeros", "padding of the crop: `zeros` or `reflect`", choices=("zeros", "reflect"))
+    flip: str = setting("random", "`random` (each image, each epoch) or `alternate` (one random flip per image, "
+                        "reversed every other epoch)", choices=("random", "alternate"))
+    lookahead: bool = setting(False, "Lookahead weight averaging every 5 steps, its weight rising to 0.95^5 as "
+                              "(step/total)^3; the final weights are the averaged ones")
+
+
+@dataclass(frozen=True)
+class CifarEval(EvalConfig):
+    tta: str = setting("none", "test-time augmentation: `none`, `mirror` (average with the flipped image) or "
+                       "`mirror_translate` (also 1-pixel shifts)", choices=("none", "mirror", "mirror_translate"))
 
 
 @dataclass(frozen=True)
 class CifarOptim(OptimConfig):
     lr: float = redefault(OptimConfig, "lr", 0.2)
+    no_decay_lr_scale: float = setting(1.0, "learning rate of the parameters without weight decay (biases, norm "
+                                       "layers) as a multiple of `lr`", gt=0)
 
 
 @dataclass(frozen=True)
@@ -41,8 +57,9 @@ class CifarConfig(Config):
     model: CifarModel = field(default_factory=CifarModel)
     train: CifarTrain = field(default_factory=CifarTrain)
     optim: CifarOptim = field(default_factory=CifarOptim)
+    eval: CifarEval = field(default_factory=CifarEval)
 
     def check(self) -> None:
-        if self.model.name == "resnet18" and self.model.width != 64:
-            raise ConfigError(f"model.width={self.model.width} applies to model.name=tiny only; resnet18 has its "
-                              "standard width: leave model.width at 64 or choose model.name=tiny.")
+        if self.model.name != "tiny" and self.model.width != 64:
+            raise ConfigError(f"model.width={self.model.width} applies to model.name=tiny only; {self.model.name} has its "
+                              "own widths: leave model.width at 64 or choose model.name=tiny.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torchvision.models import resnet18
 
@@ -26,8 +27,70 @@ def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
 
+# --- the fast recipe's network (the airbench94 architecture, Jordan 2024) ----------------------------
+
+#: Output channels of the fixed 2x2 whitening convolution: +/- the 12 eigen-directions of 2x2x3 patches.
+WHITEN_CHANNELS = 24
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    """3x3 convolution initialised as an identity on its first channels (dirac), the rest at random."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(cin, cout)])
+    return conv
+
+
+def _norm(channels: int) -> nn.BatchNorm2d:
+    # Only the shift is learned (the scale stays 1); running statistics follow the batch fast (momentum 0.4).
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+def _group(cin: int, cout: int) -> list[nn.Module]:
+    return [_conv(cin, cout), nn.MaxPool2d(2), _norm(cout), nn.GELU(), _conv(cout, cout), _norm(cout), nn.GELU()]
+
+
+def airbench_net(num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)) -> nn.Sequential:
+    """The network of the airbench94 recipe: a frozen 2x2 whitening convolution (set from the data by
+    ``init_whitening``), three conv groups (conv, max-pool, BN, GELU, conv, BN, GELU), a 3x3 max-pool and a
+    bias-free linear layer whose outputs are scaled by 1/9."""
+    whiten = nn.Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
+    whiten.weight.requires_grad_(False)
+    assert whiten.bias is not None
+    nn.init.zeros_(whiten.bias)
+    return nn.Sequential(whiten, nn.GELU(), *_group(WHITEN_CHANNELS, widths[0]), *_group(widths[0], widths[1]),
+                         *_group(widths[1], widths[2]), nn.MaxPool2d(3), nn.Flatten(),
+                         nn.Linear(widths[2], num_classes, bias=False), _Scale(1 / 9))
+
+
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set a (2*k, C, h, w) convolution to whiten the h x w patches of ``images`` (normalised, N x C x H x W):
+    each filter pair is +/- one eigenvector of the patch covariance, divided by the square root of its
+    eigenvalue."""
+    c, h, w = conv.weight.shape[1:]
+    patches = images.float().unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)
+    covariance = patches.T @ patches / len(patches)
+    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    filters = (vectors.T / torch.sqrt(values + eps)[:, None]).flip(0).reshape(-1, c, h, w)
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([filters, -filters]))
+
+
 def build_model(name: str, width: int, num_classes: int = 10) -> nn.Module:
-    """The model named by ``model.name`` (``width`` is the tiny CNN's; CifarConfig.check rejects it for resnet18)."""
+    """The model named by ``model.name`` (``width`` is the tiny CNN's; CifarConfig.check rejects it for the others)."""
     if name == "tiny":
         return tiny_cnn(num_classes, width)
+    if name == "airbench":
+        return airbench_net(num_classes)
     return cifar_resnet18(num_classes)

@@ -341,14 +341,18 @@ def make_loader(kind: str, split: Any, sampler: Sampler[int], batch_size: int, d
 
 
 class Augment:
-    """Random crop with zero padding and horizontal flip, as batched tensor ops on the device.
+    """Random crop (zero or reflect padding) and horizontal flip, as batched tensor ops on the device.
 
     Per-sample parameters come from a generator seeded by (seed, epoch), drawn for all samples at
     once and looked up by sample index: no per-image Python, no dependence on global RNG state.
+    ``alternate_flip``: each image gets one random flip for the whole run (seeded by ``seed`` alone),
+    reversed in every odd epoch, so that consecutive epochs see both orientations.
     """
 
-    def __init__(self, num_samples: int, pad: int = 4, flip: bool = True) -> None:
+    def __init__(self, num_samples: int, pad: int = 4, flip: bool = True, *, reflect: bool = False,
+                 alternate_flip: bool = False) -> None:
         self.num_samples, self.pad, self.flip = num_samples, pad, flip
+        self.reflect, self.alternate_flip = reflect, alternate_flip
         self._drawn: tuple[int, int, torch.device] | None = None
         self._shift = self._mirror = torch.empty(0)
 
@@ -356,19 +360,24 @@ class Augment:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self._shift = torch.randint(0, 2 * self.pad + 1, (self.num_samples, 2), generator=g).to(device)
         self._mirror = (torch.rand(self.num_samples, generator=g) < 0.5).to(device)
+        if self.alternate_flip:
+            once = torch.Generator().manual_seed(seed * 1_000_003 - 1)  # the same for every epoch
+            self._mirror = ((torch.rand(self.num_samples, generator=once) < 0.5) ^ bool(epoch % 2)).to(device)
         self._drawn = (seed, epoch, device)
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
         """Augment a float batch (b, C, H, W) whose samples have dataset indices ``index``."""
         if self._drawn != (seed, epoch, images.device):
             self._draw(seed, epoch, images.device)
-        b, c, h, w = images.shape
-        padded = torch.nn.functional.pad(images, (self.pad,) * 4)
-        shift = self._shift[index]
-        rows = (shift[:, 0:1] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (shift[:, 1:2] + torch.arange(w, device=images.device))[:, None, None, :]
-        out = padded[torch.arange(b, device=images.device)[:, None, None, None],
-                     torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
+        out = images
+        if self.pad:
+            b, c, h, w = images.shape
+            padded = torch.nn.functional.pad(images, (self.pad,) * 4, mode="reflect" if self.reflect else "constant")
+            shift = self._shift[index]
+            rows = (shift[:, 0:1] + torch.arange(h, device=images.device))[:, None, :, None]
+            cols = (shift[:, 1:2] + torch.arange(w, device=images.device))[:, None, None, :]
+            out = padded[torch.arange(b, device=images.device)[:, None, None, None],
+                         torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
         if self.flip:
             out = torch.where(self._mirror[index][:, None, None, None], out.flip(3), out)
         return out

@@ -59,10 +59,18 @@ def _warmup(warmup_steps: int, after: Callable[[int], float]) -> Callable[[int],
     return factor
 
 
+def _triangle(step: int, start: float, peak_step: int, total_steps: int, end: float) -> float:
+    if step < peak_step:
+        return start + (1 - start) * step / peak_step
+    return 1 + (end - 1) * min(1.0, (step - peak_step) / max(1, total_steps - peak_step))
+
+
 def lr_factor(cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at each optimizer step, for cosine, step and constant."""
+    """Multiplier of the peak learning rate at each optimizer step, for cosine, step, triangle and constant."""
     warmup = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs else 0
     decay_steps = max(1, total_steps - warmup)
+    if cfg.name == "triangle":  # its own rise, from initial_lr (not from ~0)
+        return lambda step: _triangle(step, cfg.initial_lr, warmup, total_steps, cfg.final_lr)
     if cfg.name == "cosine":
         def shape(t: int) -> float:
             progress = min(1.0, t / decay_steps)

@@ -124,6 +124,10 @@ class Task(Generic[C]):
         """Default: ``sched.*`` (stepped after every optimizer step)."""
         return build_scheduler(self.cfg.sched, optimizer, steps_per_epoch, total_steps)
 
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called on every rank after each optimizer step (``step`` counts from 1), with the unwrapped model:
+        for weight averaging such as EMA or Lookahead. Keep its state in ``state()`` so that it resumes."""
+
     def describe(self) -> dict[str, str]:
         """Extra rows for the start-up table, e.g. ``{"data": "real CIFAR-10 at data/"}`` (after build_data)."""
         return {}

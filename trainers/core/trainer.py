@@ -220,6 +220,7 @@ class Trainer:
             timed += 1
             self.state.step_in_epoch += 1
             self.state.global_step += 1
+            self.task.after_step(unwrap(self.model), self.state.global_step, self.total_steps)
             self.sink.advance(self.state.global_step, epoch)
             if self.state.global_step % self.cfg.run.log_every == 0:
                 self._add_timing(timed, tick)

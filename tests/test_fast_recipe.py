@@ -1,0 +1,89 @@
+"""The pieces of the fast recipe (configs/cifar_fast.yaml): airbench network and whitening, alternating flip,
+reflect-padded crops, the triangle schedule, Lookahead and test-time augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from launcher.config import SchedConfig, load_config
+from trainers.cifar import CifarConfig, CifarTask, Lookahead
+from trainers.core.data import Augment
+from trainers.core.optim import lr_factor
+from trainers.models import airbench_net, init_whitening
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fast_config_loads_with_its_published_settings() -> None:
+    cfg = load_config(REPO / "configs" / "cifar_fast.yaml", schema=CifarConfig)
+    assert (cfg.model.name, cfg.train.batch_size, cfg.optim.momentum, cfg.train.label_smoothing) == (
+        "airbench", 1024, 0.85, 0.2)
+    assert (cfg.train.flip, cfg.train.lookahead, cfg.eval.tta, cfg.sched.name) == (
+        "alternate", True, "mirror_translate", "triangle")
+
+
+def test_whitening_makes_patches_uncorrelated_with_unit_variance() -> None:
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(3, 3, generator=g)
+    images = torch.einsum("ij,njhw->nihw", mix, torch.randn(64, 3, 16, 16, generator=g))  # correlated channels
+    net = airbench_net()
+    init_whitening(net[0], images)
+    out = torch.nn.functional.conv2d(images, net[0].weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = out.T.cov()
+    torch.testing.assert_close(cov, torch.eye(12), atol=0.05, rtol=0)
+    torch.testing.assert_close(net[0].weight[12:], -net[0].weight[:12])
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_alternating_flip_reverses_every_other_epoch() -> None:
+    aug = Augment(100, pad=0, alternate_flip=True)
+    images = torch.arange(100 * 4, dtype=torch.float32).reshape(100, 1, 1, 4)
+    index = torch.arange(100)
+    e0, e1, e2 = (aug(images, index, e, 7) for e in (0, 1, 2))
+    assert torch.equal(e0, e2) and torch.equal(e1.flip(3), e0)
+    flipped = sum(not torch.equal(e0[i], images[i]) for i in range(100))
+    assert 20 < flipped < 80  # a random half of the images starts flipped
+
+
+def test_reflect_padding_crops_contain_no_zeros() -> None:
+    aug = Augment(50, pad=2, flip=False, reflect=True)
+    images = torch.rand(50, 3, 8, 8) + 1
+    out = aug(images, torch.arange(50), 0, 0)
+    assert out.shape == images.shape and bool((out > 0).all())
+    assert not torch.equal(out, images)  # shifted
+
+
+def test_triangle_schedule() -> None:
+    cfg = SchedConfig(name="triangle", initial_lr=0.2, warmup_epochs=2.3, final_lr=0.07)
+    f = lr_factor(cfg, steps_per_epoch=10, total_steps=100)
+    assert abs(f(0) - 0.2) < 1e-9 and abs(f(23) - 1.0) < 1e-9 and abs(f(100) - 0.07) < 1e-9
+    assert f(10) < f(20) and f(50) > f(80)
+
+
+def test_lookahead_pulls_weights_to_their_average_and_ends_on_it() -> None:
+    model = torch.nn.Linear(2, 2)
+    la = Lookahead()
+    la.step(model, 1, 10)  # first call: remembers the weights
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = model.weight.clone()
+    la.step(model, 5, 10)  # decay 0.95^5 * 0.125: mostly the new weights
+    assert not torch.equal(model.weight, before) and torch.equal(model.weight, la.average["weight"])
+    restored = Lookahead()
+    restored.load_state_dict(la.state_dict())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    la.step(model, 10, 10)  # the last step: the weights become the average, which stays
+    assert torch.equal(model.weight, la.average["weight"]) and torch.equal(la.average["weight"], restored.average["weight"])
+
+
+def test_mirror_tta_averages_the_flipped_view(tmp_path: Path) -> None:
+    cfg = load_config(None, ["eval.tta=mirror", "model.name=tiny", f"run.dir={tmp_path}"], schema=CifarConfig)
+    task = CifarTask(cfg)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()
+    x = torch.randn(5, 3, 4, 4)
+    torch.testing.assert_close(task.forward(model, (x, None)), 0.5 * (model(x) + model(x.flip(-1))))
+    model.train()
+    torch.testing.assert_close(task.forward(model, (x, None)), model(x))  # training sees the plain view
