@@ -183,6 +183,46 @@ def stop_check_row(repeats: int) -> Row:
     return at_least("stop check", "with vs without (steps/s)", a / b, 0.99, f"{a:,.0f} vs {b:,.0f} steps/s")
 
 
+#: The fast recipe's workload per device: (training images, test images, batch, epochs). On a GPU it is the
+#: recipe itself on CIFAR-shaped data (10 epochs of 50,000), so the toolkit's time projects the time to 94%.
+FAST_WORKLOAD = {"cuda": (50_000, 10_000, 1024, 10), "cpu": (1024, 500, 256, 2)}
+QUICK_WORKLOAD = (512, 250, 256, 1)
+#: Keys that turn every device-aware default off: fp32, NCHW, eager.
+ALL_OFF = ("train.precision=fp32", "model.channels_last=false", "model.compile=false")
+
+
+def fast_recipe_rows(repeats: int, quick: bool) -> list[Row]:
+    """7. configs/cifar_fast.yaml through the toolkit vs airbench94's own loop (re-implemented in
+    bench/airbench_loop.py): same network, data and device, from a built model to a finished TTA evaluation.
+    8. The device-aware defaults vs all of them off, on the same recipe."""
+    from bench.airbench_loop import reference_run, toolkit_run, toolkit_seconds
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = QUICK_WORKLOAD if quick else FAST_WORKLOAD[device.type]
+    accuracy: dict[str, list[float]] = {"kit": [], "ref": []}
+
+    def timed(run: Callable[[], tuple[float, float]], key: str) -> float:
+        seconds, acc = run()
+        accuracy[key].append(acc)
+        return seconds
+
+    # One untimed run each first, as airbench times itself: torch.compile (on by default with CUDA) and
+    # cuDNN's autotuning happen once per process, then both sides run warm.
+    toolkit_run(*work[:3], 1), reference_run(*work[:3], 1, device)
+    kit, ref = interleaved(lambda: timed(lambda: toolkit_run(*work), "kit"),
+                           lambda: timed(lambda: reference_run(*work, device), "ref"), repeats)
+    projected = f"; projected time to 94%: {kit:.1f} s" if device.type == "cuda" and not quick else ""
+    acc = f"test acc {statistics.median(accuracy['kit']):.3f} vs {statistics.median(accuracy['ref']):.3f}"
+    # the issue's target on a GPU is "the same or less"; on the CPU the loop-overhead bound of row 2
+    loop = at_most("fast recipe", "toolkit vs airbench94 loop (time)", kit / ref, 1.0 if device.type == "cuda" else 1.05,
+                   f"{kit:.2f} vs {ref:.2f} s for {work[3]} epoch(s) of {work[0]:,} images, {acc}{projected}")
+    auto, off = interleaved(lambda: toolkit_seconds(*work), lambda: toolkit_seconds(*work, overrides=ALL_OFF),
+                            repeats)
+    defaults = at_least("device defaults", f"auto vs all off on {device.type} (speed)", off / auto, 1.0,
+                        f"{auto:.2f} vs {off:.2f} s")
+    return [loop, defaults]
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.node()}: {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
@@ -208,7 +248,8 @@ def main() -> None:
     rows: list[Row] = []
     for make in (lambda: [loader_row(args.repeats, samples)], lambda: [overhead_row(args.repeats, samples // 2)],
                  lambda: [data_parallel_row(args.repeats)], lambda: [logging_row(args.repeats)],
-                 lambda: checkpoint_rows(args.repeats), lambda: [stop_check_row(args.repeats)]):
+                 lambda: checkpoint_rows(args.repeats), lambda: [stop_check_row(args.repeats)],
+                 lambda: fast_recipe_rows(args.repeats, args.quick)):
         for row in make():
             rows.append(row)
             print(f"  {row.name}: {row.value:.3f} ({row.target}) {'met' if row.met else 'MISSED'}", flush=True)

@@ -34,7 +34,8 @@ def _config(run_dir: str, samples: int) -> CifarConfig:
         f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", "checkpoint.every_epochs=0",
         f"data.synthetic_train_size={samples}", "data.synthetic_test_size=10", f"train.batch_size={BATCH}",
         "data.loader=device", "train.augment=false", "optim.weight_decay=0", "sched.name=constant",
-        "sched.warmup_epochs=0", "model.width=16", "train.epochs=1", "eval.batch_size=10"], schema=CifarConfig)
+        "sched.warmup_epochs=0", "model.width=16", "train.epochs=1", "eval.batch_size=10",
+        "model.channels_last=false"], schema=CifarConfig)  # NCHW fp32, as the hand-written loop
 
 
 def toolkit(samples: int) -> tuple[float, torch.Tensor]:

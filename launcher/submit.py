@@ -25,12 +25,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
 
+from launcher.config import SlurmConfig
 from launcher.errors import UserError
 from launcher.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS, last_stop_signal
 
@@ -115,29 +116,13 @@ class TrainJob:
 # ----------------------------------------------------------------------------- the command line
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What the job asks SLURM for: the ``slurm:`` section of the config with the flags applied."""
+#: What the job asks SLURM for: the ``slurm:`` section of the config with the flags applied.
+Resources = SlurmConfig
 
-    nodes: int = 1
-    tasks_per_node: int = 0
-    gpus_per_node: int = 0
-    cpus_per_task: int = 0
-    mem: str = ""
-    time_min: int = 60
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    job_name: str = ""
-    max_timeout_requeues: int = 3
-    signal_delay_s: int = 120
-    sbatch: tuple[str, ...] = ()
-    log_dir: str = "runs/submitit"
 
-    @property
-    def ranks_per_node(self) -> int:
-        return self.tasks_per_node or self.gpus_per_node or 1
+def ranks_per_node(res: Resources) -> int:
+    """One rank per GPU unless ``tasks_per_node`` says otherwise; one without GPUs."""
+    return res.tasks_per_node or res.gpus_per_node or 1
 
 
 #: flag -> Resources field; flags that are given win over the config's ``slurm:`` section.
@@ -223,7 +208,7 @@ def resolved_config(module: str, config: Path | None, overrides: Sequence[str]) 
 
 def resources(args: argparse.Namespace, slurm: dict[str, Any]) -> Resources:
     """The config's ``slurm:`` values, then every flag that was given."""
-    known = Resources.__dataclass_fields__
+    known = {f.name for f in fields(Resources)}
     values: dict[str, Any] = {k: tuple(v) if k == "sbatch" else v for k, v in slurm.items() if k in known}
     for flag, (name, _, _) in _FLAGS.items():
         given = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -247,7 +232,7 @@ def executor_for(res: Resources, local: bool, name: str) -> Any:
     folder = Path(res.log_dir).absolute() / "%j"
     if local:
         ex: Any = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_timeout_requeues)
-        ex.update_parameters(tasks_per_node=res.ranks_per_node, nodes=1, timeout_min=res.time_min,
+        ex.update_parameters(tasks_per_node=ranks_per_node(res), nodes=1, timeout_min=res.time_min,
                              gpus_per_node=res.gpus_per_node, signal_delay_s=res.signal_delay_s)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=res.max_timeout_requeues)
@@ -255,7 +240,7 @@ def executor_for(res: Resources, local: bool, name: str) -> Any:
     extra.setdefault("requeue", True)  # preempted jobs return to the queue (clusters may default to no-requeue)
     extra.setdefault("chdir", str(Path.cwd()))  # the module and relative paths resolve as they did here
     params: dict[str, Any] = {
-        "nodes": res.nodes, "ntasks_per_node": res.ranks_per_node, "time": res.time_min,
+        "nodes": res.nodes, "ntasks_per_node": ranks_per_node(res), "time": res.time_min,
         "job_name": res.job_name or name, "signal_delay_s": res.signal_delay_s, "stderr_to_stdout": True,
         "additional_parameters": extra,
         # one rank per task: a task's cores go to its data loading and intra-op threads
@@ -312,7 +297,7 @@ def plan(args: argparse.Namespace) -> Plan:
 def dry_run_script(p: Plan, local: bool) -> str:
     """The sbatch script the submission would write (submitit's own generator), with its placeholders."""
     if local:
-        return f"# --local: {p.res.ranks_per_node} task(s) on this machine, no sbatch script\n"
+        return f"# --local: {ranks_per_node(p.res)} task(s) on this machine, no sbatch script\n"
     ex = executor_for(p.res, local=False, name=p.name)
     if len(p.sweeps) > 1:
         ex.parameters["map_count"] = len(p.sweeps)
@@ -337,13 +322,18 @@ def wait_for(jobs: Sequence[Any], local: bool) -> int:
     """
     status = 0
     for job in jobs:
-        while True:
-            if job.done() if local else all(p.result_pickle.exists() for p in _task_paths(job)) or \
-                    not _slurm_job_alive(str(job.job_id)):
-                break
+        while not _ended(job, local):
             time.sleep(POLL_S)
         status = status or _outcome(job)
     return status
+
+
+def _ended(job: Any, local: bool) -> bool:
+    """A local job has its own answer; a SLURM job ended once every task left a result, or SLURM forgot it."""
+    if local:
+        return bool(job.done())
+    every_task_answered = all(p.result_pickle.exists() for p in _task_paths(job))
+    return every_task_answered or not _slurm_job_alive(str(job.job_id))
 
 
 def _task_paths(job: Any) -> list[Any]:
@@ -381,7 +371,7 @@ def submit(args: argparse.Namespace) -> int:
     if placeholder.is_dir() and not any(placeholder.iterdir()):
         placeholder.rmdir()
     where = "locally" if args.local else "to SLURM"
-    print(f"submitted {len(jobs)} job(s) {where}, {p.res.nodes} node(s) x {p.res.ranks_per_node} rank(s) each:")
+    print(f"submitted {len(jobs)} job(s) {where}, {p.res.nodes} node(s) x {ranks_per_node(p.res)} rank(s) each:")
     for job, tj in zip(jobs, tjobs):
         print("  " + _describe(job, tj))
     if not args.wait:

@@ -40,7 +40,7 @@ def test_defaults_load_and_match_schema_defaults():
     assert cfg == Config()
     assert cfg.train.epochs == 30
     assert cfg.train.batch_size == 512
-    assert cfg.train.precision is Precision.fp32
+    assert cfg.train.precision is Precision.auto
     assert cfg.data.synthetic is False
     assert cfg.model.sync_bn is False
 

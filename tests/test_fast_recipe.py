@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from launcher.config import SchedConfig, load_config
+from launcher.config import ConfigError, SchedConfig, load_config
 from trainers.cifar import CifarConfig, CifarTask, Lookahead
 from trainers.core.data import Augment
 from trainers.core.optim import lr_factor
@@ -20,6 +21,7 @@ def test_fast_config_loads_with_its_published_settings() -> None:
     cfg = load_config(REPO / "configs" / "cifar_fast.yaml", schema=CifarConfig)
     assert (cfg.model.name, cfg.train.batch_size, cfg.optim.momentum, cfg.train.label_smoothing) == (
         "airbench", 1024, 0.85, 0.2)
+    assert cfg.model.whiten_bias_epochs == 3
     assert (cfg.train.flip, cfg.train.lookahead, cfg.eval.tta, cfg.sched.name) == (
         "alternate", True, "mirror_translate", "triangle")
 
@@ -87,3 +89,44 @@ def test_mirror_tta_averages_the_flipped_view(tmp_path: Path) -> None:
     torch.testing.assert_close(task.forward(model, (x, None)), 0.5 * (model(x) + model(x.flip(-1))))
     model.train()
     torch.testing.assert_close(task.forward(model, (x, None)), model(x))  # training sees the plain view
+
+
+def _whiten_task(overrides: list[str]) -> CifarTask:
+    return CifarTask(load_config(None, ["model.name=airbench", "sched.name=triangle", "sched.initial_lr=0.2", "optim.lr=0.05",
+                                        *overrides], schema=CifarConfig))
+
+
+def test_whitening_bias_learns_for_its_epochs_then_stays_fixed() -> None:
+    """model.whiten_bias_epochs=1 with 2 steps per epoch: the bias moves in steps 1-2, never after, while
+    the rest of the network keeps learning (momentum and weight decay included)."""
+    task = _whiten_task(["model.whiten_bias_epochs=1", "optim.no_decay_lr_scale=64"])
+    torch.manual_seed(0)
+    model = task.build_model()
+    optimizer = task.build_optimizer(model)
+    scheduler = task.build_scheduler(optimizer, steps_per_epoch=2, total_steps=6)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    biases, heads = [model[0].bias.detach().clone()], [model[-2].weight.detach().clone()]
+    for _ in range(6):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+        biases.append(model[0].bias.detach().clone())
+        heads.append(model[-2].weight.detach().clone())
+    assert not torch.equal(biases[0], biases[1]) and not torch.equal(biases[1], biases[2])
+    assert all(torch.equal(biases[2], b) for b in biases[3:])
+    assert all(not torch.equal(a, b) for a, b in zip(heads[2:], heads[3:]))
+    # as in airbench94, the whitening bias is trained like the weights: decayed, without the bias lr scale
+    weights, biases_group, whiten = optimizer.param_groups
+    assert whiten["params"] == [model[0].bias] and all(p is not model[0].bias for p in biases_group["params"])
+    assert (whiten["initial_lr"], whiten["weight_decay"]) == (weights["initial_lr"], weights["weight_decay"]) == (
+        0.05, 5e-4)
+    assert biases_group["initial_lr"] == 0.05 * 64
+
+
+def test_whitening_bias_epochs_is_checked() -> None:
+    with pytest.raises(ConfigError, match="applies to model.name=airbench only"):
+        load_config(None, ["model.whiten_bias_epochs=3"], schema=CifarConfig)
+    with pytest.raises(ConfigError, match="sched.name=onecycle"):
+        load_config(None, ["model.name=airbench", "model.whiten_bias_epochs=3", "sched.name=onecycle"],
+                    schema=CifarConfig)

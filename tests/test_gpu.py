@@ -142,3 +142,19 @@ def test_training_run_on_the_gpu(tmp_path: Path, launch: str) -> None:
     assert "cuda" in result.stdout and (tmp_path / "model.pt").is_file()
     if launch == "torchrun":
         assert "nccl" in result.stdout
+
+
+def test_auto_defaults_turn_on_for_this_gpu(tmp_path: Path) -> None:
+    """`auto` on this GPU: bf16 (or fp16 before Ampere), channels_last, compile where Triton is; and a run
+    with every default trains and says so in its start-up table."""
+    from trainers.core.auto import DeviceTraits, auto_choices
+
+    traits = DeviceTraits.of(torch.device("cuda"))
+    chosen = auto_choices(traits, debug=False)
+    assert chosen["train.precision"] is (Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16)
+    assert chosen["model.channels_last"] is True and chosen["model.compile"] is traits.triton
+    out = run_command([sys.executable, "-m", "trainers.cifar", "--config", "configs/cifar_debug.yaml",
+                       f"run.dir={tmp_path / 'run'}", "run.progress=lines", "run.debug=false", "train.max_steps=6"],
+                      timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"train.precision={chosen['train.precision'].value}, model.channels_last=true" in out.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.submit import TrainJob, add_parser, expand_sweep, resources
+from launcher.submit import TrainJob, add_parser, expand_sweep, ranks_per_node, resources
 from tests.dist_utils import REPO, run_command, wait_all, wait_for
 from tests.gated_task import GATE_VARIABLE
 from tests.submit_utils import (DEBUG_CONFIG, LONG, assert_every_step_once, assert_same_weights, job_environ,
@@ -70,7 +70,7 @@ def test_flags_win_over_the_config_slurm_section() -> None:
     args = parser.parse_args(["submit", "--gpus-per-node", "4", "--time", "30", "--sbatch", "exclude=n1", "-m", "x"])
     res = resources(args, {"nodes": 2, "time_min": 600, "partition": "gpu", "sbatch": ["mail-type=END"]})
     assert (res.nodes, res.time_min, res.partition, res.gpus_per_node) == (2, 30, "gpu", 4)
-    assert res.ranks_per_node == 4  # one task per GPU when --tasks-per-node is not given
+    assert ranks_per_node(res) == 4  # one task per GPU when --tasks-per-node is not given
     assert res.sbatch == ("mail-type=END", "exclude=n1")
 
 

@@ -21,15 +21,16 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from launcher.runtime import Runtime
 from trainers.cifar_data import (CIFAR10_MEAN, CIFAR10_STD, ArrayDataset, DatasetUnavailable, download_cifar10,
                                  load_cifar10, synthetic_cifar10)
 from trainers.core import BatchInfo, Task, run_task
 from trainers.core.data import Augment, Normalize
-from trainers.core.optim import build_optimizer
+from trainers.core.optim import build_optimizer, lr_factor, separate_group
 from trainers.core.state import Stateful
-from trainers.models import build_model, init_whitening
+from trainers.models import build_model, init_whitening, whitening_layer
 
 #: Lookahead: every this many steps the weights move to their running average.
 LOOKAHEAD_EVERY = 5
@@ -61,10 +62,12 @@ class Lookahead:
 
     @torch.no_grad()
     def step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        last = step >= total_steps
+        if self.average and step % LOOKAHEAD_EVERY and not last:
+            return  # most steps: nothing to do (the first one starts the average from the weights it sees)
         live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
         if not self.average:
             self.average = {k: v.detach().clone() for k, v in live.items()}
-        last = step >= total_steps
         if step % LOOKAHEAD_EVERY and not last:
             return
         decay = 1.0 if last else 0.95 ** 5 * (step / total_steps) ** 3
@@ -95,18 +98,34 @@ class CifarTask(Task[CifarConfig]):
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg.model.name, self.cfg.model.width)
-        whiten = next(model.children(), None)
-        if self.cfg.model.name == "airbench" and isinstance(whiten, nn.Conv2d) and self.train_images is not None:
+        if self.cfg.model.name == "airbench" and self.train_images is not None:
             # The same images on every rank, so every rank computes the same filters.
-            init_whitening(whiten, self.normalize(self.train_images[:WHITENING_IMAGES]))
+            init_whitening(whitening_layer(model), self.normalize(self.train_images[:WHITENING_IMAGES]))
         return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         optimizer = build_optimizer(self.cfg.optim, model)
-        for group in optimizer.param_groups:
-            if group["weight_decay"] == 0:  # biases and norm layers
-                group["lr"] *= self.cfg.optim.no_decay_lr_scale
+        decay, no_decay = optimizer.param_groups  # biases and norm layers are the second (core.optim)
+        no_decay["lr"] *= self.cfg.optim.no_decay_lr_scale  # by position: with weight_decay=0 both groups have 0
+        if self.cfg.model.name == "airbench":
+            bias = whitening_layer(model).bias
+            assert bias is not None  # whitening_layer checks that there is one
+            # As in airbench94: trained like the weights (decayed, no bias scale), in a group of its own
+            # so that model.whiten_bias_epochs can fix it (build_scheduler).
+            separate_group(optimizer, bias, like=decay)
         return optimizer
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                        total_steps: int) -> LRScheduler:
+        if not self.cfg.model.whiten_bias_epochs:
+            return super().build_scheduler(optimizer, steps_per_epoch, total_steps)
+        # A learning rate of 0 fixes the bias exactly (no gradient, momentum or decay moves it), while
+        # requires_grad=False mid-run would leave DDP waiting for a gradient that never comes.
+        shape = lr_factor(self.cfg.sched, steps_per_epoch, total_steps)
+        fixed_from = round(self.cfg.model.whiten_bias_epochs * steps_per_epoch)
+        factors = [shape] * len(optimizer.param_groups)
+        factors[-1] = lambda step: shape(step) if step < fixed_from else 0.0
+        return LambdaLR(optimizer, factors)
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         x = self.inputs(batch)

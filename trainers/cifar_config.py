@@ -25,6 +25,8 @@ class CifarModel(ModelConfig):
                         "network, whitening set from the training images) or `tiny` (a small CNN for tests and demos)",
                         choices=("resnet18", "airbench", "tiny"))
     width: int = setting(64, "channels of the first stage (`tiny` only; the others keep their own)", gt=0)
+    whiten_bias_epochs: float = setting(0.0, "`airbench` only: the whitening layer's bias learns for this many "
+                                        "epochs, then stays fixed (the recipe: 3; 0: it learns throughout)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,10 @@ class CifarConfig(Config):
         if self.model.name != "tiny" and self.model.width != 64:
             raise ConfigError(f"model.width={self.model.width} applies to model.name=tiny only; {self.model.name} has its "
                               "own widths: leave model.width at 64 or choose model.name=tiny.")
+        if self.model.whiten_bias_epochs and self.model.name != "airbench":
+            raise ConfigError(f"model.whiten_bias_epochs={self.model.whiten_bias_epochs:g} applies to model.name="
+                              f"airbench only ({self.model.name} has no whitening layer); set it to 0.")
+        if self.model.whiten_bias_epochs and self.sched.name == "onecycle":
+            raise ConfigError("model.whiten_bias_epochs needs a schedule of its own per parameter group, which "
+                              "sched.name=onecycle does not give; choose sched.name=triangle (the recipe's) or set "
+                              "model.whiten_bias_epochs=0.")

@@ -87,6 +87,14 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
         conv.weight.copy_(torch.cat([filters, -filters]))
 
 
+def whitening_layer(model: nn.Module) -> nn.Conv2d:
+    """The frozen first convolution of ``airbench_net``."""
+    first = next(model.children(), None)
+    if not isinstance(first, nn.Conv2d) or first.bias is None:
+        raise TypeError(f"expected an airbench_net, whose first layer is the whitening convolution; got {first}")
+    return first
+
+
 def build_model(name: str, width: int, num_classes: int = 10) -> nn.Module:
     """The model named by ``model.name`` (``width`` is the tiny CNN's; CifarConfig.check rejects it for the others)."""
     if name == "tiny":

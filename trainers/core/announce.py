@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from launcher.config import flatten, to_dict, to_yaml
+from trainers.core.auto import describe_choices
 from trainers.core.checkpoint import atomic_write_text
 from trainers.core.evaluation import EVAL_EPOCH, describe
 from trainers.core.parallel import unwrap
@@ -39,9 +40,9 @@ def announce(trainer: Trainer) -> None:
     env, devices = trainer.rt.env, trainer.rt.describe_devices()
     if not trainer.rt.is_main:
         return
-    config = to_dict(trainer.cfg)
+    config = to_dict(trainer.task.cfg)  # as the user gave it, `auto`s included
     changed = _changed_keys(trainer.run_dir / "config.yaml", config) if trainer.resumed_from else []
-    atomic_write_text(trainer.run_dir / "config.yaml", to_yaml(trainer.cfg))  # only now: the run passed its checks
+    atomic_write_text(trainer.run_dir / "config.yaml", to_yaml(trainer.task.cfg))  # only now: the run passed its checks
     how = (f"resumed at step {trainer.state.global_step} from {trainer.resumed_from.name}"
            + (" with changed settings (below)" if changed else " with the same settings")
            if trainer.resumed_from else "new run (no checkpoint in it yet)")
@@ -51,6 +52,7 @@ def announce(trainer: Trainer) -> None:
             ("backend", f"{trainer.rt.backend or 'none (single process)'}"
              + (f"  master {env.master_addr}:{env.master_port}" if trainer.rt.distributed else "")),
             ("devices", devices), ("precision", trainer.amp.describe()),
+            ("auto", describe_choices(trainer.auto_chosen, trainer.rt.device.type)),
             *trainer.task.describe().items(),
             ("restarts", f"{env.restart_count} torchrun restart(s), {env.requeue_count} SLURM requeue(s)"),
             *[(k, str(v)) for k, v in flatten(config) if not k.startswith("slurm.")]]  # submission, not training

@@ -36,6 +36,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def separate_group(optimizer: torch.optim.Optimizer, param: torch.Tensor, like: dict[str, Any]) -> None:
+    """Move ``param`` out of its group into a new last group with the settings of group ``like`` (e.g. to
+    give it a schedule of its own); call before the optimizer has stepped."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            group["params"] = [p for p in group["params"] if p is not param]
+            optimizer.add_param_group({**{k: v for k, v in like.items() if k != "params"}, "params": [param]})
+            return
+    raise ValueError("separate_group: the parameter is not in any group of the optimizer")
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     """``optim.name`` over the model's trainable parameters, no decay on norm weights and biases."""
     groups = param_groups(model, cfg.weight_decay)

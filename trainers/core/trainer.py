@@ -23,6 +23,7 @@ from launcher.runtime import Runtime, seed_everything
 from launcher.signals import Preempted, StopFlag
 from trainers.core.amp import Amp
 from trainers.core.announce import announce, summarize
+from trainers.core.auto import DeviceTraits, resolve_auto
 from trainers.core.checkpoint import (BackgroundSaver, CheckpointManager, load_checkpoint, rng_state, set_rng_state,
                                       strip_prefixes)
 from trainers.core.data import (DeviceLoader, EvalShard, HostLoader, ResumableDistributedSampler, chunk,
@@ -47,7 +48,9 @@ class Trainer:
     """Data-parallel training of a ``Task`` for one rank."""
 
     def __init__(self, task: Task, rt: Runtime, run_dir: Path, stop: StopFlag | None = None) -> None:
-        self.task, self.cfg, self.rt, self.run_dir = task, task.cfg, rt, run_dir
+        self.task, self.rt, self.run_dir = task, rt, run_dir
+        # task.cfg keeps the user's `auto`s (fingerprint, config.yaml); the trainer works with this device's values
+        self.cfg, self.auto_chosen = resolve_auto(task.cfg, DeviceTraits.of(rt.device))
         cfg = self.cfg
         self.stop = stop or StopFlag()
         self.started = time.perf_counter()
@@ -112,6 +115,9 @@ class Trainer:
         model = model.to(self.rt.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            # Inside DDP, so that no_sync and unwrap see DDP on the outside; evaluation runs the bare model.
+            model = torch.compile(model)  # type: ignore[assignment]
         seed_everything(self.state.seed + self.rt.rank)  # per-rank streams from here on (dropout etc.)
         return wrap_ddp(model, self.rt.device, self.rt.world_size)
 

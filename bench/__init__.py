@@ -1,0 +1,1 @@
+"""Speed benchmarks: `python -m bench` prints every target in one table."""

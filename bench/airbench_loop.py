@@ -1,0 +1,215 @@
+"""The fast recipe through the toolkit vs airbench94's own training loop, on the same device and data.
+
+The reference loop is our re-implementation of the loop the airbench94 paper describes (Jordan 2024),
+kept deliberately plain: the whole split normalised on the device once, reflect-padded once, one
+random translation per image per epoch by a batched gather, alternating flips, batches by randperm, a
+summed label-smoothed loss, Nesterov SGD with airbench's "per 1024 examples" hyper-parameters, the
+triangular schedule, Lookahead every 5 steps, the whitening bias fixed after 3 epochs, and a final
+mirror+translate evaluation. As airbench94 does, it runs a half-precision network (BatchNorm in fp32)
+on CUDA; on the CPU, where half convolutions are emulated, both sides run fp32. Both build the same
+network (``trainers.models.airbench_net``), so the ratio measures the loops, not the models.
+
+The toolkit side is ``configs/cifar_fast.yaml`` through ``Trainer.fit()`` as a user runs it: its
+device-aware defaults, metrics and logging on, exact evaluation with test-time augmentation after the
+last epoch, and the final checkpoint. Each side is timed from a built model to a finished evaluation.
+
+    python bench/airbench_loop.py [--train 2048] [--batch 512] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from launcher.config import load_config
+from launcher.runtime import distributed, seed_everything
+from trainers.cifar import SYNTHETIC_SEED, CifarConfig, CifarTask
+from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
+from trainers.core.trainer import Trainer
+from trainers.models import airbench_net, init_whitening, whitening_layer
+
+REPO = Path(__file__).resolve().parents[1]
+
+# airbench94's published hyper-parameters (summed loss, "per 1024 examples")
+LR, MOMENTUM, WEIGHT_DECAY, BIAS_SCALER, SMOOTHING, WHITEN_BIAS_EPOCHS = 11.5, 0.85, 0.0153, 64.0, 0.2, 3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def toolkit_seconds(train: int, test: int, batch: int, epochs: int, overrides: tuple[str, ...] = ()) -> float:
+    """Seconds of ``Trainer.fit()`` for the fast recipe on synthetic CIFAR-shaped data."""
+    return toolkit_run(train, test, batch, epochs, overrides)[0]
+
+
+def toolkit_run(train: int, test: int, batch: int, epochs: int,
+                overrides: tuple[str, ...] = ()) -> tuple[float, float]:
+    """``Trainer.fit()`` of the fast recipe on synthetic CIFAR-shaped data: (seconds, test accuracy)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(REPO / "configs" / "cifar_fast.yaml", [
+            f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", "checkpoint.every_epochs=0",
+            "data.synthetic=true", f"data.synthetic_train_size={train}", f"data.synthetic_test_size={test}",
+            f"train.batch_size={batch}", f"optim.lr={1.5 * batch / 1024}", f"train.epochs={epochs}",
+            f"eval.every_epochs={epochs}", f"eval.batch_size={min(test, 2000)}", *overrides], schema=CifarConfig)
+        with distributed(cfg.dist, {}) as rt:
+            trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
+            _sync(rt.device)
+            start = time.perf_counter()
+            result = trainer.fit()
+            _sync(rt.device)
+            seconds = time.perf_counter() - start
+            trainer.sink.close()
+            return seconds, float(result["test_acc"])
+
+
+def _triangle(total: int, start: float = 0.2, peak: float = 0.23, end: float = 0.07) -> torch.Tensor:
+    top = int(peak * total)
+    x = torch.arange(total + 1, dtype=torch.float64)
+    rise = start + (1 - start) * x / max(1, top)
+    fall = 1 + (end - 1) * (x - top) / max(1, total - top)
+    return torch.where(x < top, rise, fall)
+
+
+def _crop(padded: torch.Tensor, shifts: torch.Tensor, size: int) -> torch.Tensor:
+    """One translation per image, ``out[n] = padded[n, :, dy:dy+size, dx:dx+size]``, as one indexing op."""
+    n, c = padded.shape[:2]
+    ar = torch.arange(size, device=padded.device)
+    rows = (shifts[:, 0, None] + ar)[:, None, :, None]
+    cols = (shifts[:, 1, None] + ar)[:, None, None, :]
+    return padded[torch.arange(n, device=padded.device)[:, None, None, None],
+                  torch.arange(c, device=padded.device)[None, :, None, None], rows, cols]
+
+
+def _half_net(net: nn.Module) -> nn.Module:
+    net = net.half()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()  # as airbench94: BatchNorm in fp32
+    return net
+
+
+def _tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    mirrored = 0.5 * (model(x) + model(x.flip(-1)))
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    return 0.5 * mirrored + 0.25 * sum(0.5 * (model(s) + model(s.flip(-1))) for s in shifted)
+
+
+def reference_seconds(train: int, test: int, batch: int, epochs: int, device: torch.device) -> float:
+    """Seconds of the plain airbench94 loop over the same synthetic data."""
+    return reference_run(train, test, batch, epochs, device)[0]
+
+
+def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.device) -> tuple[float, float]:
+    """The plain airbench94 loop: (seconds, test accuracy with mirror+translate TTA)."""
+    train_split = synthetic_cifar10(train, SYNTHETIC_SEED, train=True)  # the toolkit's synthetic splits
+    test_split = synthetic_cifar10(test, SYNTHETIC_SEED, train=False)
+    images, labels = (t.to(device) for t in train_split.tensors)
+    test_images, test_labels = (t.to(device) for t in test_split.tensors)
+    half = device.type == "cuda"
+    dtype = torch.half if half else torch.float32
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() / 255 - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    seed_everything(0)
+    model: nn.Module = airbench_net().to(device)
+    _sync(device)
+    start = time.perf_counter()
+    norm_train = normalize(images)
+    init_whitening(whitening_layer(model), norm_train[:5000].float())
+    if half:
+        model = _half_net(model)
+    model = model.to(memory_format=torch.channels_last)
+    kilostep = 1024 * (1 + 1 / (1 - MOMENTUM))
+    lr, wd = LR / kilostep, WEIGHT_DECAY * batch / kilostep
+    lr_b = lr * BIAS_SCALER
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    norm_biases = [p for k, p in named if isinstance(_owner(model, k), nn.BatchNorm2d)]
+    others = [p for k, p in named if not isinstance(_owner(model, k), nn.BatchNorm2d)]
+    optimizer = torch.optim.SGD([{"params": norm_biases, "lr": lr_b, "weight_decay": wd / lr_b},
+                                 {"params": others, "lr": lr, "weight_decay": wd / lr}],
+                                momentum=MOMENTUM, nesterov=True)
+    steps_per_epoch = train // batch
+    total = steps_per_epoch * epochs
+    schedule = _triangle(total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: float(schedule[min(i, total)]))
+    alpha = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
+    average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    padded = F.pad(norm_train, (2, 2, 2, 2), mode="reflect")
+    flipped_once = torch.rand(train, device=device) < 0.5
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        whitening_layer(model).bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS  # type: ignore[union-attr]
+        shifts = torch.randint(0, 5, (train, 2), device=device)
+        epoch_images = _crop(padded, shifts, 32)
+        mirror = flipped_once ^ bool(epoch % 2)
+        epoch_images = torch.where(mirror[:, None, None, None], epoch_images.flip(-1), epoch_images)
+        order = torch.randperm(train, device=device)
+        for k in range(steps_per_epoch):
+            idx = order[k * batch:(k + 1) * batch]
+            loss = F.cross_entropy(model(epoch_images[idx]), labels[idx], label_smoothing=SMOOTHING,
+                                   reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % 5 == 0 or step == total:
+                _lookahead(model, average, 1.0 if step == total else float(alpha[step]))
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for k in range(0, test, 2000):
+            x = normalize(test_images[k:k + 2000])
+            correct += int((_tta_logits(model, x).argmax(1) == test_labels[k:k + 2000]).sum())
+    _sync(device)
+    return time.perf_counter() - start, correct / test
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0])
+
+
+@torch.no_grad()
+def _lookahead(model: nn.Module, average: dict[str, torch.Tensor], decay: float) -> None:
+    for k, v in model.state_dict().items():
+        if k in average:
+            average[k].lerp_(v, 1 - decay)
+            v.copy_(average[k])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=2048)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kit, ref = [], []
+    for _ in range(args.repeats):
+        seconds, kit_acc = toolkit_run(args.train, args.test, args.batch, args.epochs)
+        kit.append(seconds)
+        seconds, ref_acc = reference_run(args.train, args.test, args.batch, args.epochs, device)
+        ref.append(seconds)
+        print(f"toolkit {kit[-1]:.2f} s (test acc {kit_acc:.3f})  airbench loop {ref[-1]:.2f} s "
+              f"(test acc {ref_acc:.3f})", flush=True)
+    kit.sort(), ref.sort()
+    print(f"toolkit / airbench loop: {kit[len(kit) // 2] / ref[len(ref) // 2]:.3f} (medians)")
+
+
+if __name__ == "__main__":
+    main()
