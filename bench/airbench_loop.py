@@ -2,7 +2,7 @@
 
 The reference loop is our re-implementation of the loop the airbench94 paper describes (Jordan 2024),
 kept deliberately plain: the whole split normalised on the device once, reflect-padded once, one
-random translation per image per epoch by a batched gather, alternating flips, batches by randperm, a
+random translation per image per epoch for the whole split at once, alternating flips, batches by randperm, a
 summed label-smoothed loss, Nesterov SGD with airbench's "per 1024 examples" hyper-parameters, the
 triangular schedule, Lookahead every 5 steps, the whitening bias fixed after 3 epochs, and a final
 mirror+translate evaluation. As airbench94 does, it runs a half-precision network (BatchNorm in fp32)
@@ -19,6 +19,7 @@ last epoch, and the final checkpoint. Each side is timed from a built model to a
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 
 from launcher.config import load_config
 from launcher.runtime import distributed, seed_everything
-from trainers.cifar import SYNTHETIC_SEED, CifarConfig, CifarTask
+from trainers.cifar import SYNTHETIC_SEED, CifarConfig, CifarTask, Lookahead, tta_logits
 from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
+from trainers.core.data import Normalize, shifted_crops
+from trainers.core.optim import triangle
 from trainers.core.trainer import Trainer
 from trainers.models import airbench_net, init_whitening, whitening_layer
 
@@ -70,42 +73,12 @@ def toolkit_run(train: int, test: int, batch: int, epochs: int,
             return seconds, float(result["test_acc"])
 
 
-def _triangle(total: int, start: float = 0.2, peak: float = 0.23, end: float = 0.07) -> torch.Tensor:
-    top = int(peak * total)
-    x = torch.arange(total + 1, dtype=torch.float64)
-    rise = start + (1 - start) * x / max(1, top)
-    fall = 1 + (end - 1) * (x - top) / max(1, total - top)
-    return torch.where(x < top, rise, fall)
-
-
-def _crop(padded: torch.Tensor, shifts: torch.Tensor, size: int) -> torch.Tensor:
-    """One translation per image, ``out[n] = padded[n, :, dy:dy+size, dx:dx+size]``, as one indexing op."""
-    n, c = padded.shape[:2]
-    ar = torch.arange(size, device=padded.device)
-    rows = (shifts[:, 0, None] + ar)[:, None, :, None]
-    cols = (shifts[:, 1, None] + ar)[:, None, None, :]
-    return padded[torch.arange(n, device=padded.device)[:, None, None, None],
-                  torch.arange(c, device=padded.device)[None, :, None, None], rows, cols]
-
-
 def _half_net(net: nn.Module) -> nn.Module:
     net = net.half()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.float()  # as airbench94: BatchNorm in fp32
     return net
-
-
-def _tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    mirrored = 0.5 * (model(x) + model(x.flip(-1)))
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
-    return 0.5 * mirrored + 0.25 * sum(0.5 * (model(s) + model(s.flip(-1))) for s in shifted)
-
-
-def reference_seconds(train: int, test: int, batch: int, epochs: int, device: torch.device) -> float:
-    """Seconds of the plain airbench94 loop over the same synthetic data."""
-    return reference_run(train, test, batch, epochs, device)[0]
 
 
 def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.device) -> tuple[float, float]:
@@ -116,11 +89,10 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
     test_images, test_labels = (t.to(device) for t in test_split.tensors)
     half = device.type == "cuda"
     dtype = torch.half if half else torch.float32
-    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    to_float = Normalize(CIFAR10_MEAN, CIFAR10_STD, device)
 
     def normalize(x: torch.Tensor) -> torch.Tensor:
-        return ((x.float() / 255 - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+        return to_float(x).to(dtype).contiguous(memory_format=torch.channels_last)
 
     seed_everything(0)
     model: nn.Module = airbench_net().to(device)
@@ -142,10 +114,9 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
                                 momentum=MOMENTUM, nesterov=True)
     steps_per_epoch = train // batch
     total = steps_per_epoch * epochs
-    schedule = _triangle(total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: float(schedule[min(i, total)]))
-    alpha = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
-    average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    peak = int(0.23 * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: triangle(i, 0.2, peak, total, 0.07))
+    lookahead = Lookahead()  # every 5 steps, and onto the average at the last one
     padded = F.pad(norm_train, (2, 2, 2, 2), mode="reflect")
     flipped_once = torch.rand(train, device=device) < 0.5
     step = 0
@@ -153,7 +124,7 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
     for epoch in range(epochs):
         whitening_layer(model).bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS  # type: ignore[union-attr]
         shifts = torch.randint(0, 5, (train, 2), device=device)
-        epoch_images = _crop(padded, shifts, 32)
+        epoch_images = shifted_crops(padded, shifts, (32, 32))
         mirror = flipped_once ^ bool(epoch % 2)
         epoch_images = torch.where(mirror[:, None, None, None], epoch_images.flip(-1), epoch_images)
         order = torch.randperm(train, device=device)
@@ -166,28 +137,19 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
             optimizer.step()
             scheduler.step()
             step += 1
-            if step % 5 == 0 or step == total:
-                _lookahead(model, average, 1.0 if step == total else float(alpha[step]))
+            lookahead.step(model, step, total)
     model.eval()
     correct = 0
     with torch.no_grad():
         for k in range(0, test, 2000):
             x = normalize(test_images[k:k + 2000])
-            correct += int((_tta_logits(model, x).argmax(1) == test_labels[k:k + 2000]).sum())
+            correct += int((tta_logits(model, x, "mirror_translate").argmax(1) == test_labels[k:k + 2000]).sum())
     _sync(device)
     return time.perf_counter() - start, correct / test
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rsplit(".", 1)[0])
-
-
-@torch.no_grad()
-def _lookahead(model: nn.Module, average: dict[str, torch.Tensor], decay: float) -> None:
-    for k, v in model.state_dict().items():
-        if k in average:
-            average[k].lerp_(v, 1 - decay)
-            v.copy_(average[k])
 
 
 def main() -> None:
@@ -207,8 +169,7 @@ def main() -> None:
         ref.append(seconds)
         print(f"toolkit {kit[-1]:.2f} s (test acc {kit_acc:.3f})  airbench loop {ref[-1]:.2f} s "
               f"(test acc {ref_acc:.3f})", flush=True)
-    kit.sort(), ref.sort()
-    print(f"toolkit / airbench loop: {kit[len(kit) // 2] / ref[len(ref) // 2]:.3f} (medians)")
+    print(f"toolkit / airbench loop: {statistics.median(kit) / statistics.median(ref):.3f} (medians)")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class ModelConfig:
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch (torch SyncBatchNorm on GPUs, a "
                             "gloo implementation on CPU)")
     channels_last: bool | str = setting("auto", "NHWC memory format for the model and 4-D inputs: `auto` (on with "
-                                        "CUDA and with oneDNN on the CPU, where convolutions run faster so), "
+                                        "CUDA, and on a CPU whose convolutions run in oneDNN: faster on both), "
                                         "`true` or `false`", check=_bool_or_auto)
     compile: bool | str = setting("auto", "torch.compile the training model: `auto` (on with CUDA and Triton "
                                   "unless run.debug; off on the CPU, where compiling costs more than it saves), "

@@ -8,16 +8,8 @@ import re
 import pytest
 import torch
 
-from bench.airbench_loop import _crop, reference_run
+from bench.airbench_loop import reference_run
 from tests.dist_utils import PYTHON, run_command
-
-
-def test_crop_takes_one_window_per_image() -> None:
-    padded = torch.randn(3, 2, 8, 8)
-    shifts = torch.tensor([[0, 1], [2, 2], [4, 0]])
-    out = _crop(padded, shifts, 4)
-    for i, (dy, dx) in enumerate(shifts.tolist()):
-        assert torch.equal(out[i], padded[i, :, dy:dy + 4, dx:dx + 4])
 
 
 def test_airbench_reference_loop_learns_synthetic_cifar() -> None:

@@ -12,6 +12,7 @@ from trainers.core.data import (
     EvalShard,
     Normalize,
     ResumableDistributedSampler,
+    shifted_crops,
     make_loader,
     per_rank_batch,
 )
@@ -349,3 +350,11 @@ def test_normalize_matches_formula():
     assert float((out.double() - expected).abs().max()) <= 1e-5  # float32 rounding only (|values| < 5)
     assert out[0, 0, 0, 0].item() == pytest.approx(-mean[0] / std[0], rel=1e-6)
     assert out[0, 2, 0, 1].item() == pytest.approx((1 - mean[2]) / std[2], rel=1e-6)
+
+
+def test_shifted_crops_take_one_window_per_image() -> None:
+    padded = torch.randn(3, 2, 8, 8)
+    shifts = torch.tensor([[0, 1], [2, 2], [4, 0]])
+    out = shifted_crops(padded, shifts, (4, 4))
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        assert torch.equal(out[i], padded[i, :, dy:dy + 4, dx:dx + 4])

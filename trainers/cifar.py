@@ -63,12 +63,13 @@ class Lookahead:
     @torch.no_grad()
     def step(self, model: nn.Module, step: int, total_steps: int) -> None:
         last = step >= total_steps
-        if self.average and step % LOOKAHEAD_EVERY and not last:
-            return  # most steps: nothing to do (the first one starts the average from the weights it sees)
+        due = last or step % LOOKAHEAD_EVERY == 0
+        if self.average and not due:
+            return  # most steps: nothing to do
         live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        if not self.average:
+        if not self.average:  # the first call starts the average from the weights it sees
             self.average = {k: v.detach().clone() for k, v in live.items()}
-        if step % LOOKAHEAD_EVERY and not last:
+        if not due:
             return
         decay = 1.0 if last else 0.95 ** 5 * (step / total_steps) ** 3
         for k, v in live.items():
@@ -80,6 +81,19 @@ class Lookahead:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.average = {k: v.clone() for k, v in state.items()}
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Outputs averaged over test-time augmentations: ``none``, ``mirror`` (with the flipped image) or
+    ``mirror_translate`` (also one-pixel shifts up-left and down-right, each with its mirror)."""
+    if tta == "none":
+        return model(x)
+    mirrored = 0.5 * (model(x) + model(x.flip(-1)))
+    if tta == "mirror":
+        return mirrored
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+    return 0.5 * mirrored + 0.25 * sum(0.5 * (model(s) + model(s.flip(-1))) for s in shifted)
 
 
 class CifarTask(Task[CifarConfig]):
@@ -129,15 +143,7 @@ class CifarTask(Task[CifarConfig]):
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
         x = self.inputs(batch)
-        tta = self.cfg.eval.tta
-        if model.training or tta == "none":
-            return model(x)
-        mirrored = 0.5 * (model(x) + model(x.flip(-1)))
-        if tta == "mirror":
-            return mirrored
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # shifted by one pixel up-left and down-right
-        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
-        return 0.5 * mirrored + 0.25 * sum(0.5 * (model(s) + model(s.flip(-1))) for s in shifted)
+        return model(x) if model.training else tta_logits(model, x, self.cfg.eval.tta)
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         if self.lookahead is not None:

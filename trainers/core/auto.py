@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from launcher.config import Precision, replace
+from launcher.config import Precision, get, replace
 
 C = TypeVar("C")
 
@@ -56,7 +56,7 @@ def auto_choices(traits: DeviceTraits, debug: bool) -> dict[str, Any]:
 def resolve_auto(cfg: C, traits: DeviceTraits) -> tuple[C, dict[str, Any]]:
     """``cfg`` with every ``auto`` of the keys above replaced for this device, and what was chosen."""
     choices = auto_choices(traits, cfg.run.debug)  # type: ignore[attr-defined]
-    chosen = {key: value for key, value in choices.items() if _is_auto(_get(cfg, key))}
+    chosen = {key: value for key, value in choices.items() if _is_auto(get(cfg, key))}
     sections: dict[str, dict[str, Any]] = {}
     for key, value in chosen.items():
         section, name = key.split(".")
@@ -72,11 +72,6 @@ def describe_choices(chosen: dict[str, Any], kind: str) -> str:
 
 def _is_auto(value: Any) -> bool:
     return value is Precision.auto or value == "auto"
-
-
-def _get(cfg: Any, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def _shown(value: Any) -> str:

@@ -32,6 +32,7 @@ from launcher.config import ConfigError
 __all__ = [
     "TensorSplit", "per_rank_batch", "ResumableDistributedSampler", "EvalShard", "sample_seed", "make_loader",
     "DeviceLoader", "HostLoader", "tree_map", "to_device", "chunk", "batch_len", "Augment", "Normalize",
+    "shifted_crops",
 ]
 
 
@@ -371,16 +372,23 @@ class Augment:
             self._draw(seed, epoch, images.device)
         out = images
         if self.pad:
-            b, c, h, w = images.shape
             padded = torch.nn.functional.pad(images, (self.pad,) * 4, mode="reflect" if self.reflect else "constant")
-            shift = self._shift[index]
-            rows = (shift[:, 0:1] + torch.arange(h, device=images.device))[:, None, :, None]
-            cols = (shift[:, 1:2] + torch.arange(w, device=images.device))[:, None, None, :]
-            out = padded[torch.arange(b, device=images.device)[:, None, None, None],
-                         torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
+            out = shifted_crops(padded, self._shift[index], images.shape[-2:])
         if self.flip:
             out = torch.where(self._mirror[index][:, None, None, None], out.flip(3), out)
         return out
+
+
+def shifted_crops(padded: torch.Tensor, shifts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """One window per image as a single gather: ``out[n] = padded[n, :, dy:dy+h, dx:dx+w]`` with
+    ``(dy, dx) = shifts[n]`` and ``(h, w) = size``."""
+    b, c = padded.shape[:2]
+    h, w = size
+    device = padded.device
+    rows = (shifts[:, 0:1] + torch.arange(h, device=device))[:, None, :, None]
+    cols = (shifts[:, 1:2] + torch.arange(w, device=device))[:, None, None, :]
+    return padded[torch.arange(b, device=device)[:, None, None, None],
+                  torch.arange(c, device=device)[None, :, None, None], rows, cols]
 
 
 class Normalize:

@@ -70,7 +70,8 @@ def _warmup(warmup_steps: int, after: Callable[[int], float]) -> Callable[[int],
     return factor
 
 
-def _triangle(step: int, start: float, peak_step: int, total_steps: int, end: float) -> float:
+def triangle(step: int, start: float, peak_step: int, total_steps: int, end: float) -> float:
+    """Linear from ``start`` up to 1 at ``peak_step``, then linear down to ``end`` at ``total_steps``."""
     if step < peak_step:
         return start + (1 - start) * step / peak_step
     return 1 + (end - 1) * min(1.0, (step - peak_step) / max(1, total_steps - peak_step))
@@ -81,7 +82,7 @@ def lr_factor(cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> Calla
     warmup = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch))) if cfg.warmup_epochs else 0
     decay_steps = max(1, total_steps - warmup)
     if cfg.name == "triangle":  # its own rise, from initial_lr (not from ~0)
-        return lambda step: _triangle(step, cfg.initial_lr, warmup, total_steps, cfg.final_lr)
+        return lambda step: triangle(step, cfg.initial_lr, warmup, total_steps, cfg.final_lr)
     if cfg.name == "cosine":
         def shape(t: int) -> float:
             progress = min(1.0, t / decay_steps)
