@@ -131,6 +131,7 @@ def test_no_host_synchronisation_between_log_steps(tmp_path: Path) -> None:
             trainer.sink.close()
 
 
+@pytest.mark.timeout(660)  # the subprocess bound (600 s) fails first, with the run's output
 @pytest.mark.parametrize("launch", ["single", "torchrun"])
 def test_training_run_on_the_gpu(tmp_path: Path, launch: str) -> None:
     prefix = [sys.executable, "-m"] if launch == "single" else [
@@ -144,6 +145,7 @@ def test_training_run_on_the_gpu(tmp_path: Path, launch: str) -> None:
         assert "nccl" in result.stdout
 
 
+@pytest.mark.timeout(660)  # torch.compile's first compile can take minutes; the subprocess bound fails first
 def test_auto_defaults_turn_on_for_this_gpu(tmp_path: Path) -> None:
     """`auto` on this GPU: bf16 (or fp16 before Ampere), channels_last, compile where Triton is; and a run
     with every default trains and says so in its start-up table."""
