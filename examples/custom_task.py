@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from launcher.config import Config, DataConfig, OptimConfig, TrainConfig, redefault, setting
+from trainers.core.config import Config, DataConfig, OptimConfig, TrainConfig, redefault, setting
 from trainers.core import MeanLoss, Metric, Task, run_task
 
 

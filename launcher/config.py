@@ -1,16 +1,16 @@
-"""Typed run configuration: a schema of dataclasses, YAML files, and ``key=value`` overrides.
+"""The configuration engine: typed schemas of dataclasses, YAML files, and ``key=value`` overrides.
 
-The common base (``Config``) holds what every task shares: data loading, model wrapping, training,
-optimizer, schedule, evaluation, distribution, checkpoints and the run itself. A task extends it by
-subclassing sections and the root (``class MyData(DataConfig): root: str = setting(...)``), so it
-adds keys without touching this module. Each leaf is declared with ``setting()``: its default, one
-line of documentation and its validation (choices, ranges, a custom check) sit beside the field.
+A schema is a frozen dataclass of sections, each a frozen dataclass of leaves declared with ``setting()``:
+its default, one line of documentation and its validation (choices, ranges, a custom check) sit beside
+the field. The training sections every task shares live beside the trainer (``trainers.core.config``);
+this module knows no training key. It holds only what the launcher itself needs (``DistConfig``,
+``SlurmConfig``) and the machinery:
 
     cfg = load_config("configs/my_task.yaml", ["train.epochs=3"], schema=MyTaskConfig)
 
 Merging and type checking are OmegaConf's (structured configs); this module adds what it lacks:
-errors that name the closest valid key, renamed-key messages, per-field validation, and a frozen,
-plain-Python result.
+errors that name the closest valid key, renamed-key messages (a schema's ``renamed`` mapping),
+per-field validation, a fingerprint of the keys that change a run, and a frozen, plain-Python result.
 """
 
 from __future__ import annotations
@@ -64,103 +64,6 @@ def redefault(section: type, name: str, default: Any) -> Any:
     return field(default=default, metadata=inherited.metadata)
 
 
-class Precision(str, Enum):
-    """Numeric precision of the forward and backward passes."""
-
-    auto = "auto"  # bf16 (fp16 where the GPU lacks bf16) on CUDA, fp32 on the CPU
-    fp32 = "fp32"
-    bf16 = "bf16"  # autocast to bfloat16; no loss scaling needed
-    fp16 = "fp16"  # autocast to float16 with a GradScaler
-
-
-def _existing_checkpoint(value: str) -> str | None:
-    if value in ("auto", "never") or Path(value).exists():
-        return None
-    return "is neither 'auto', 'never' nor an existing checkpoint file; give one of these"
-
-
-def _bool_or_auto(value: bool | str) -> str | None:
-    return None if isinstance(value, bool) or value == "auto" else f"is '{value}'; give true, false or auto"
-
-
-def _existing_file_or_empty(value: str) -> str | None:
-    return None if not value or Path(value).is_file() else "is not an existing file; give the path of a model.pt, " \
-        "a checkpoint or a state_dict file (or leave it empty)"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How batches are loaded; a task adds where its data lives."""
-
-    loader: str = setting("dataloader", "`dataloader` (torch DataLoader, any Dataset) or `device` (in-memory "
-                          "tensor splits resident on the device; same batches)", choices=("dataloader", "device"), changes_run=False)
-    num_workers: int = setting(2, "DataLoader worker processes per rank (0: load in the main process)", ge=0, changes_run=False)
-    pin_memory: bool = setting(True, "page-locked host batches for faster copies to a GPU (ignored on CPU)", changes_run=False)
-    persistent_workers: bool = setting(True, "keep DataLoader workers alive between epochs", changes_run=False)
-    prefetch_factor: int = setting(2, "batches each worker loads ahead", gt=0, changes_run=False)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """How the task's model is prepared; a task adds which model to build."""
-
-    sync_bn: bool = setting(False, "BatchNorm statistics over the global batch (torch SyncBatchNorm on GPUs, a "
-                            "gloo implementation on CPU)")
-    channels_last: bool | str = setting("auto", "NHWC memory format for the model and 4-D inputs: `auto` (on with "
-                                        "CUDA, and on a CPU whose convolutions run in oneDNN: faster on both), "
-                                        "`true` or `false`", check=_bool_or_auto)
-    compile: bool | str = setting("auto", "torch.compile the training model: `auto` (on with CUDA and Triton "
-                                  "unless run.debug; off on the CPU, where compiling costs more than it saves), "
-                                  "`true` or `false`", check=_bool_or_auto)
-    init_from: str = setting("", "start from these weights: a `model.pt`, a checkpoint of this toolkit or a plain "
-                             "state_dict; matching keys load, the rest is reported", check=_existing_file_or_empty)
-    freeze: str = setting("", "comma-separated parameter name prefixes to freeze, e.g. `conv1,layer1`")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = setting(30, "epochs", gt=0)
-    batch_size: int = setting(512, "**global** batch: samples per optimizer step over all ranks; each rank gets "
-                              "`batch_size / world_size`", gt=0)
-    precision: Precision = setting(Precision.auto, "`auto` (bf16 on CUDA, fp16 on GPUs without bf16, fp32 on the "
-                                   "CPU: exact and resumable bit for bit), `fp32`, `bf16` (autocast, no scaler; on "
-                                   "a CPU with native bf16 about 2x faster) or `fp16` (autocast + GradScaler)")
-    grad_accum: int = setting(1, "micro-steps per optimizer step; DDP syncs gradients only on the last", gt=0)
-    grad_clip: float = setting(0.0, "max global gradient norm (unscaled first under fp16); 0 disables", ge=0)
-    max_steps: int = setting(0, "stop after this many optimizer steps (0: all epochs)", ge=0)
-    label_smoothing: float = setting(0.0, "label smoothing of the default cross-entropy loss", ge=0)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: str = setting("sgd", "`sgd` (momentum, Nesterov), `adamw` or `adam`", choices=("sgd", "adamw", "adam"))
-    lr: float = setting(0.1, "peak learning rate", ge=0)
-    momentum: float = setting(0.9, "SGD momentum", ge=0)
-    nesterov: bool = setting(True, "Nesterov momentum (SGD)")
-    betas: tuple[float, float] = setting((0.9, 0.999), "Adam/AdamW betas, e.g. `[0.9,0.95]`")
-    eps: float = setting(1e-8, "Adam/AdamW epsilon", gt=0)
-    weight_decay: float = setting(5e-4, "weight decay; never applied to norm-layer weights and biases", ge=0)
-
-
-@dataclass(frozen=True)
-class SchedConfig:
-    name: str = setting("cosine", "`cosine` (to `final_lr`), `onecycle` (torch OneCycleLR), `step` (x`gamma` every "
-                        "`step_epochs`), `triangle` (linear from `initial_lr` up to the peak at `warmup_epochs`, "
-                        "linear down to `final_lr`) or `constant`",
-                        choices=("cosine", "onecycle", "step", "triangle", "constant"))
-    initial_lr: float = setting(0.0, "`triangle`: learning rate at the first step, as a fraction of the peak", ge=0)
-    warmup_epochs: float = setting(1.0, "linear warm-up from ~0 to the peak (for `onecycle`: its rising phase)", ge=0)
-    final_lr: float = setting(0.0, "`cosine`: learning rate at the end, as a fraction of the peak", ge=0)
-    step_epochs: float = setting(30.0, "`step`: epochs between decays", gt=0)
-    gamma: float = setting(0.1, "`step`: decay factor", gt=0)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    batch_size: int = setting(1024, "global evaluation batch", gt=0, changes_run=False)
-    every_epochs: int = setting(1, "evaluate every N epochs (and always after the last)", gt=0)
-
-
 @dataclass(frozen=True)
 class DistConfig:
     backend: str = setting("auto", "`auto` (nccl with CUDA, else gloo), `nccl` or `gloo`",
@@ -169,37 +72,6 @@ class DistConfig:
                           choices=("auto", "cuda", "cpu"), changes_run=False)
     timeout_s: float = setting(600.0, "collective timeout: a rank that stops answering fails the job after this, "
                                "naming the phase", ge=0, changes_run=False)
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every_epochs: int = setting(1, "save at the end of every N epochs (0: never)", ge=0, changes_run=False)
-    every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0, changes_run=False)
-    keep_last: int = setting(3, "newest checkpoints kept on disk", gt=0, changes_run=False)
-    keep_best: bool = setting(True, "also keep the checkpoint with the best `best_metric`", changes_run=False)
-    best_metric: str = setting("", "evaluation metric that ranks checkpoints, e.g. `test_acc` (empty: the task's "
-                               "first metric)", changes_run=False)
-    resume: str = setting("auto", "`auto` (newest valid checkpoint in `run.dir`), `never`, or a checkpoint path",
-                          check=_existing_checkpoint, changes_run=False)
-    async_: bool = setting(False, "write checkpoints in a background thread: training waits only for a copy of the "
-                           "state in host memory (same atomic files; the stop checkpoint is always waited for)",
-                           changes_run=False)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    dir: str = setting("", "run directory; empty: `runs/<name>-<fingerprint>`, a hash of the keys that change "
-                       "the run, so that re-running a command resumes it", changes_run=False)
-    name: str = setting("", "name used for the default run directory (empty: the task's name)", changes_run=False)
-    seed: int = setting(0, "seed of the model initialisation, the sample order and random transforms", ge=0)
-    deterministic: bool = setting(False, "deterministic kernels (slower; with fp32 on CPU, resume is bit-exact)")
-    log_every: int = setting(50, "optimizer steps between training-loss lines", gt=0, changes_run=False)
-    progress: str = setting("auto", "`auto` (a bar on a terminal, plain lines otherwise), `bar`, `lines`, `quiet`",
-                            choices=("auto", "bar", "lines", "quiet"), changes_run=False)
-    tensorboard: bool = setting(False, "also write TensorBoard event files into the run directory (needs the "
-                                "`tensorboard` package: pip install -e '.[tensorboard]')", changes_run=False)
-    debug: bool = setting(False, "one process, a few batches per epoch, data loaded in the main process (pdb "
-                          "works), anomaly detection, deterministic kernels, full tracebacks, a model summary")
 
 
 def _sbatch_options(options: tuple[str, ...]) -> str | None:
@@ -233,34 +105,7 @@ class SlurmConfig:
     log_dir: str = setting("runs/submitit", "where submitit writes the job logs and pickles", changes_run=False)
 
 
-@dataclass(frozen=True)
-class Config:
-    """The sections every task has; a task subclasses sections and this root to add its own keys."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-    def check(self) -> None:
-        """Rules that span several keys; a task's config overrides this and raises ConfigError."""
-
-
-C = TypeVar("C", bound=Config)
-
-#: Keys that moved; using the old name is an error that names the new one.
-RENAMED = {
-    "train.lr": "optim.lr",
-    "train.momentum": "optim.momentum",
-    "train.weight_decay": "optim.weight_decay",
-    "train.warmup_epochs": "sched.warmup_epochs",
-}
+C = TypeVar("C")
 
 
 # ----------------------------------------------------------------------------------- the schema
@@ -294,7 +139,7 @@ class Leaf:
     meta: dict[str, Any]
 
 
-def leaves(schema: type = Config, prefix: str = "") -> Iterator[Leaf]:
+def leaves(schema: type, prefix: str = "") -> Iterator[Leaf]:
     """Every leaf of ``schema`` in declaration order, e.g. ``Leaf("train.batch_size", int, 512, ...)``."""
     hints = get_type_hints(schema)
     for f in dataclasses.fields(schema):
@@ -306,7 +151,7 @@ def leaves(schema: type = Config, prefix: str = "") -> Iterator[Leaf]:
         yield Leaf(f"{prefix}{key_name(f.name)}", hint, default, f.metadata.get("doc", ""), dict(f.metadata))
 
 
-def fingerprint(cfg: Config) -> str:
+def fingerprint(cfg: Any) -> str:
     """A short hash of everything that changes what a run trains (keys with ``changes_run=True``).
 
     The default run directory is named after it: the same command resumes, a changed value starts anew.
@@ -315,7 +160,7 @@ def fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def schema_keys(schema: type = Config) -> list[str]:
+def schema_keys(schema: type) -> list[str]:
     """Every dotted leaf key of the schema, e.g. ``train.batch_size``."""
     return [leaf.key for leaf in leaves(schema)]
 
@@ -332,8 +177,9 @@ def _closest(key: str, schema: type) -> str:
 
 
 def _unknown(key: str, source: str, schema: type) -> ConfigError:
-    if key in RENAMED:
-        new = RENAMED[key]
+    renamed: dict[str, str] = getattr(schema, "renamed", {})
+    if key in renamed:
+        new = renamed[key]
         return ConfigError(f"'{key}' (from {source}) was renamed to '{new}'; write {new}=... on the command line, or "
                            f"put it under '{new.split('.')[0]}:' in the YAML file.")
     return ConfigError(f"Unknown configuration key '{key}' (from {source}): {_closest(key, schema)} "
@@ -402,7 +248,7 @@ def _load_file(path: Path, schema: type) -> Any:
         raise _explain(e, str(path), schema) from None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[C] = Config) -> C:  # type: ignore[assignment]
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, schema: type[C]) -> C:
     """Merge ``schema``'s defaults, an optional YAML file and dotted overrides into a validated config."""
     merged = OmegaConf.structured(schema)
     layers: list[tuple[Any, str]] = []
@@ -442,7 +288,7 @@ def _leaf_problem(leaf: Leaf, value: Any) -> str | None:
     return meta["check"](value) if meta.get("check") else None
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Any) -> None:
     """Run every field's own validation (choices, ranges, checks); raise ConfigError on the first failure."""
     for leaf in leaves(type(cfg)):
         value = get(cfg, leaf.key)
@@ -450,10 +296,12 @@ def validate(cfg: Config) -> None:
         if problem:
             example = leaf.meta["choices"][0] if leaf.meta.get("choices") else yaml_scalar(leaf.default)
             raise ConfigError(f"'{leaf.key}' {problem}; set for example {leaf.key}={example}.")
-    cfg.check()
+    check = getattr(cfg, "check", None)
+    if check is not None:  # rules that span several keys (a schema's own check())
+        check()
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
+def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of builtins (enums as their values), for YAML, JSON and checkpoints."""
     return _rename_keys(_plain(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)), key_name)
 
@@ -465,14 +313,14 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def replace(cfg: C, **sections: dict[str, Any]) -> C:
     """A copy of ``cfg`` with some leaves changed, e.g. ``replace(cfg, run={"dir": "x"})``."""
-    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **vals)
-                                       for name, vals in sections.items()})
+    changed = {name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    return dataclasses.replace(cfg, **changed)  # type: ignore[type-var]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -482,3 +330,17 @@ def flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]
             yield from flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+#: Names that moved to ``trainers.core.config`` (the training sections live beside the trainer).
+_MOVED = ("Config", "Precision", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "SchedConfig",
+          "EvalConfig", "CheckpointConfig", "RunConfig")
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: an old import gets a message naming the new place instead of a bare AttributeError. The
+    # launcher never imports the trainers, so this cannot simply re-export them.
+    if name in _MOVED:
+        raise ImportError(f"launcher.config.{name} moved to trainers.core.config: write "
+                          f"`from trainers.core.config import {name}`.")
+    raise AttributeError(f"module 'launcher.config' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Markdown tables of configuration keys, generated from the schemas so that the README cannot drift.
 
-    python -m launcher.keytable                                # the common keys (every task has them)
+    python -m launcher.keytable                                # the common keys (trainers.core.config:Config)
     python -m launcher.keytable my_package.task:MyConfig       # what a task adds or changes
 
 A test compares the README's tables with this output.
@@ -12,14 +12,17 @@ import importlib
 import sys
 from typing import Any, Sequence
 
-from launcher.config import Config, leaves, yaml_scalar
+from launcher.config import leaves, yaml_scalar
+
+#: The schema of the keys every task has. Named by string, as tasks are: the launcher imports no trainer code.
+COMMON = "trainers.core.config:Config"
 
 
 def _cell(value: Any) -> str:
     return "(empty)" if value == "" else f"`{yaml_scalar(value)}`"
 
 
-def key_table(schema: type = Config, base: type | None = None) -> str:
+def key_table(schema: type, base: type | None = None) -> str:
     """One row per key of ``schema``; with ``base``, only the keys it adds or whose default it changes."""
     inherited = {leaf.key: leaf.default for leaf in leaves(base)} if base is not None else {}
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
@@ -38,7 +41,8 @@ def _schema(spec: str) -> type:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    print(key_table(_schema(args[0]), Config) if args else key_table())
+    common = _schema(COMMON)
+    print(key_table(_schema(args[0]), common) if args else key_table(common))
     return 0
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from launcher.config import Config, DataConfig, setting
+from trainers.core.config import Config, DataConfig, setting
 from trainers.core import BatchInfo, Task, run_task
 
 

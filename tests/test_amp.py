@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from launcher.config import Precision
+from trainers.core.config import Precision
 from tests.dist_utils import run_ranks
 from tests.tasks import train_trace
 from trainers.core.amp import Amp

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from launcher.config import ConfigError, Precision, load_config
+from launcher.config import ConfigError, load_config
+from trainers.core.config import Config, Precision
 from tests.dist_utils import PYTHON, run_command, run_ranks
 from tests.tasks import TracingTrainer, debug_config, task_class
 from trainers.core.auto import DeviceTraits, auto_choices, describe_choices, resolve_auto
@@ -62,13 +63,13 @@ def test_explicit_values_win_over_auto() -> None:
 
 @pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("auto", "auto")])
 def test_switch_keys_accept_true_false_auto(value: str, expected: bool | str) -> None:
-    cfg = load_config(None, [f"model.channels_last={value}", f"model.compile={value}"])
+    cfg = load_config(None, [f"model.channels_last={value}", f"model.compile={value}"], schema=Config)
     assert cfg.model.channels_last == expected and cfg.model.compile == expected
 
 
 def test_a_switch_key_rejects_other_words() -> None:
     with pytest.raises(ConfigError, match=r"model.compile.*'sometimes'.*true, false or auto"):
-        load_config(None, ["model.compile=sometimes"])
+        load_config(None, ["model.compile=sometimes"], schema=Config)
 
 
 def test_run_files_keep_auto_and_the_table_says_what_it_became(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from launcher import config as base
-from launcher.config import ConfigError, Precision, replace, to_dict, to_yaml
+from launcher.config import ConfigError, replace, to_dict, to_yaml
+from trainers.core.config import Precision
 from trainers.cifar import CifarConfig as Config
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import ConfigError, SchedConfig, load_config
+from launcher.config import ConfigError, load_config
+from trainers.core.config import SchedConfig
 from trainers.cifar import CifarConfig, CifarTask, Lookahead
 from trainers.core.data import Augment
 from trainers.core.optim import lr_factor

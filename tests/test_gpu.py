@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from launcher.config import Precision
+from trainers.core.config import Precision
 from tests.dist_utils import REPO, free_port, run_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from launcher.config import ConfigError, OptimConfig, SchedConfig
+from launcher.config import ConfigError
+from trainers.core.config import OptimConfig, SchedConfig
 from trainers.core.checkpoint import CheckpointError
 from trainers.core.data import HostLoader, ResumableDistributedSampler, chunk, sample_seed
 from trainers.core.metrics import Accuracy, ConfusionMatrix, MeanIoU, MeanLoss

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launcher.config import (Config, ConfigError, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig, redefault,
-                             setting)
+from trainers.core.config import (Config, ConfigError, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig,
+                                  redefault, setting)
 
 
 @dataclass(frozen=True)

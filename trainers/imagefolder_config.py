@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from launcher.config import Config, DataConfig, ModelConfig, setting
+from trainers.core.config import Config, DataConfig, ModelConfig, setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

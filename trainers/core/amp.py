@@ -14,7 +14,7 @@ from typing import Any, ContextManager, Iterable
 
 import torch
 
-from launcher.config import Precision
+from trainers.core.config import Precision
 
 _DTYPES = {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 

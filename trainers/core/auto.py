@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from launcher.config import Precision, get, replace
+from launcher.config import get, replace
+from trainers.core.config import Precision
 
 C = TypeVar("C")
 
@@ -61,7 +62,7 @@ def resolve_auto(cfg: C, traits: DeviceTraits) -> tuple[C, dict[str, Any]]:
     for key, value in chosen.items():
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
-    return replace(cfg, **sections), chosen  # type: ignore[type-var]
+    return replace(cfg, **sections), chosen
 
 
 def describe_choices(chosen: dict[str, Any], kind: str) -> str:

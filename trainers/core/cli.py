@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from launcher.config import Config, leaves, yaml_scalar
+from launcher.config import leaves, yaml_scalar
+from trainers.core.config import Config
 from launcher.signals import stop_during_startup
 
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from launcher.config import Config, fingerprint, load_config, replace, to_yaml
+from launcher.config import fingerprint, load_config, replace, to_yaml
+from trainers.core.config import Config
 from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, tracebacks_requested
 from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import (CollectiveError, Runtime, choose_backend, choose_device, configure_determinism,

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from launcher.config import ConfigError, OptimConfig, SchedConfig
+from launcher.config import ConfigError
+from trainers.core.config import OptimConfig, SchedConfig
 
 # Modules whose weights are scales and shifts, not features: decaying them towards zero only hurts.
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,

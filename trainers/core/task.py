@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LRScheduler
 
-from launcher.config import Config
+from trainers.core.config import Config
 from launcher.runtime import Runtime
 from trainers.core.metrics import Accuracy, MeanLoss, Metric
 from trainers.core.optim import build_optimizer, build_scheduler
