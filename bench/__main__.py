@@ -139,6 +139,7 @@ def logging_row(repeats: int) -> Row:
 def checkpoint_rows(repeats: int) -> list[Row]:
     """5. Time training is blocked by one save, as a fraction of an epoch of the debug recipe (1 process)."""
     from launcher.config import load_config
+    from launcher.env import resolve_env
     from launcher.runtime import distributed
     from trainers.cifar import CifarConfig, CifarTask
     from trainers.core.trainer import Trainer
@@ -152,7 +153,7 @@ def checkpoint_rows(repeats: int) -> list[Row]:
                 cfg = load_config(root / "configs" / "cifar_debug.yaml", [
                     f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never",
                     f"checkpoint.async={str(background).lower()}"], schema=CifarConfig)
-                with distributed(cfg.dist, {}) as rt:
+                with distributed(cfg.dist, resolve_env({})) as rt:
                     trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
                     trainer.train_epoch(0)  # warm-up
                     trainer.state.epoch, trainer.state.step_in_epoch = 1, 0  # as the end of an epoch leaves it
@@ -160,10 +161,10 @@ def checkpoint_rows(repeats: int) -> list[Row]:
                     trainer.train_epoch(1)
                     epochs.append(time.perf_counter() - start)
                     start = time.perf_counter()
-                    trainer.save()
+                    trainer.checkpointer.save(trainer.state.global_step)
                     blocked.append(time.perf_counter() - start)
-                    if trainer.writer is not None:
-                        trainer.writer.wait()
+                    if trainer.checkpointer.writer is not None:
+                        trainer.checkpointer.writer.wait()
                     trainer.sink.close()
         fraction = statistics.median(blocked) / statistics.median(epochs)
         kind = "async" if background else "sync"

@@ -29,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from launcher.config import load_config
-from launcher.runtime import distributed, seed_everything
-from trainers.cifar import SYNTHETIC_SEED, CifarConfig, CifarTask, Lookahead, tta_logits
+from launcher.env import resolve_env
+from launcher.runtime import distributed
+from trainers.core.rng import seed_everything
+from trainers.cifar import SYNTHETIC_SEED, CifarConfig, CifarTask, tta_logits
+from trainers.core.averaging import Lookahead
 from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
 from trainers.core.data import Normalize, shifted_crops
 from trainers.core.optim import triangle
@@ -62,7 +65,7 @@ def toolkit_run(train: int, test: int, batch: int, epochs: int,
             "data.synthetic=true", f"data.synthetic_train_size={train}", f"data.synthetic_test_size={test}",
             f"train.batch_size={batch}", f"optim.lr={1.5 * batch / 1024}", f"train.epochs={epochs}",
             f"eval.every_epochs={epochs}", f"eval.batch_size={min(test, 2000)}", *overrides], schema=CifarConfig)
-        with distributed(cfg.dist, {}) as rt:
+        with distributed(cfg.dist, resolve_env({})) as rt:
             trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
             _sync(rt.device)
             start = time.perf_counter()

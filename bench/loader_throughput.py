@@ -20,7 +20,7 @@ from trainers.core.data import Augment, Normalize, ResumableDistributedSampler, 
 
 
 def epoch_seconds(kind: str, split: TensorSplit, device: torch.device, batch: int, workers: int) -> float:
-    sampler = ResumableDistributedSampler(split, 1, 0, seed=0, per_rank_batch=batch)
+    sampler = ResumableDistributedSampler(split, 1, 0, seed=0, rank_batch_size=batch)
     sampler.set_epoch(0)
     normalize, augment = Normalize(CIFAR10_MEAN, CIFAR10_STD, device), Augment(len(split))
     loader = make_loader(kind, split, sampler, batch, True, device, workers)  # the device loader copies once

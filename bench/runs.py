@@ -31,10 +31,6 @@ def _rank(rank: int, world: int, port: int, threads: int, overrides: list[str], 
     from trainers.cifar import CifarConfig, CifarTask
     from trainers.core import trainer as loop
 
-    if mode == "stop-every-step":  # the agreement at every step, as before it was amortized
-        loop.STOP_CHECK_S, loop.STOP_CHECK_MAX_STEPS = 0.0, 1
-    elif mode == "no-stop-check":  # never agree (a run that could not be stopped cleanly)
-        loop.STOP_CHECK_S, loop.STOP_CHECK_MAX_STEPS = 1e9, 10**12
     with tempfile.TemporaryDirectory() as run_dir:
         logging = ["run.progress=quiet", "run.log_every=1000000"]
         if mode == "logging-on":  # the defaults: a line and a metrics record every 50 steps, into a log file
@@ -45,6 +41,10 @@ def _rank(rank: int, world: int, port: int, threads: int, overrides: list[str], 
             *logging, *overrides], schema=CifarConfig)
         with distributed(cfg.dist) as rt:
             trainer = loop.Trainer(CifarTask(cfg), rt, Path(run_dir))
+            if mode == "stop-every-step":  # the agreement at every step, as before it was amortized
+                trainer.agreement.interval_s, trainer.agreement.max_steps = 0.0, 1
+            elif mode == "no-stop-check":  # never agree (a run that could not be stopped cleanly)
+                trainer.agreement.every = trainer.agreement.max_steps = 10**12
             trainer.sink.start(trainer.total_steps, 0)
             trainer.train_epoch(0)  # warm-up: allocations, first-step costs
             trainer.state.epoch, trainer.state.step_in_epoch = 1, 0  # as the end of an epoch leaves it
@@ -85,7 +85,6 @@ def _stop_check_rank(rank: int, port: int, epochs: int, out: Any) -> None:
     from trainers.cifar import CifarConfig, CifarTask
     from trainers.core import trainer as loop
 
-    default = loop.STOP_CHECK_S
     rates: dict[bool, list[float]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
@@ -98,8 +97,8 @@ def _stop_check_rank(rank: int, port: int, epochs: int, out: Any) -> None:
             trainer.train_epoch(0)  # warm-up
             for epoch in range(1, epochs + 1):
                 checking = epoch % 2 == 1  # alternate epoch by epoch, in the same processes
-                loop.STOP_CHECK_S = default if checking else 1e9
-                trainer.stop_every = 1 if checking else 10**12  # 1: recalibrates at the next step
+                # 1: agrees at the next step and recalibrates from there; 10**12: never within the epoch
+                trainer.agreement.every = 1 if checking else 10**12
                 trainer.state.epoch, trainer.state.step_in_epoch = epoch, 0
                 start = time.perf_counter()
                 trainer.train_epoch(epoch)

@@ -1,5 +1,5 @@
 """Cost of the stop-signal agreement: steps/s of the real training loop with the agreement at every step
-vs amortized (the default: about every STOP_CHECK_S seconds of training), side by side.
+vs amortized (the default: about every 0.2 s of training, StopAgreement.interval_s), side by side.
 
 2 gloo ranks (1 thread each) train a tiny model on tiny synthetic batches, so that steps are as fast as
 the loop allows (hundreds per second) and any per-step overhead shows. The two settings alternate over
@@ -33,8 +33,6 @@ def _rank(rank: int, port: int, steps: int, every_step: bool, out: "mp.Queue[flo
     from trainers.cifar import CifarConfig, CifarTask
     from trainers.core import trainer as loop
 
-    if every_step:  # the agreement at every step, as before it was amortized
-        loop.STOP_CHECK_S, loop.STOP_CHECK_MAX_STEPS = 0.0, 1
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
             f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.every_epochs=0", "checkpoint.resume=never",
@@ -43,6 +41,8 @@ def _rank(rank: int, port: int, steps: int, every_step: bool, out: "mp.Queue[flo
             "eval.batch_size=10"], schema=CifarConfig)
         with distributed(cfg.dist) as rt:
             trainer = loop.Trainer(CifarTask(cfg), rt, Path(run_dir))
+            if every_step:  # the agreement at every step, as before it was amortized
+                trainer.agreement.interval_s, trainer.agreement.max_steps = 0.0, 1
             trainer.train_epoch(0)  # warm-up epoch: allocations, first-step costs
             trainer.state.global_step = 0
             start = time.perf_counter()

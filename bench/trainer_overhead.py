@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import load_config
-from launcher.runtime import distributed, seed_everything
+from launcher.env import resolve_env
+from launcher.runtime import distributed
+from trainers.core.rng import seed_everything
 from trainers.cifar import CifarConfig, CifarTask
 from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD
 from trainers.core.data import Normalize
@@ -42,7 +44,7 @@ def toolkit(samples: int) -> tuple[float, torch.Tensor]:
     """Seconds for one epoch of Trainer.train_epoch, and the final flat weights."""
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = _config(run_dir, samples)
-        with distributed(cfg.dist, {}) as rt:
+        with distributed(cfg.dist, resolve_env({})) as rt:
             trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
             start = time.perf_counter()
             trainer.train_epoch(0)
@@ -55,7 +57,7 @@ def by_hand(samples: int) -> tuple[float, torch.Tensor]:
     """The same epoch as a plain loop: permutation, gather, normalise, forward, backward, step."""
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = _config(run_dir, samples)
-        with distributed(cfg.dist, {}) as rt:
+        with distributed(cfg.dist, resolve_env({})) as rt:
             images, labels = CifarTask(cfg).build_data(rt)[0].tensors
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model.name, cfg.model.width)

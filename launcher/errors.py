@@ -24,3 +24,9 @@ class DatasetUnavailable(UserError):
     def __init__(self, message: str, same_on_every_rank: bool = False) -> None:
         super().__init__(message)
         self.same_on_every_rank = same_on_every_rank
+
+
+class CheckpointError(UserError, RuntimeError):
+    """No usable checkpoint where one was expected; the message names the files and the fix."""
+
+    same_on_every_rank = True  # every rank reads the same files

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import signal
 import socket
 import sys
@@ -18,14 +17,14 @@ import threading
 from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from launcher.config import DistConfig
-from launcher.env import DistEnv, LaunchError, check_devices
+from launcher import PARENT_AT_START
+from launcher.env import DistEnv, LaunchError, check_devices, resolve_env
 
 T = TypeVar("T")
 
@@ -101,15 +100,6 @@ class Runtime:
                 dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
 
-    def any(self, flag: bool, name: str) -> bool:
-        """True on every rank if it is True on at least one (used to agree on stopping)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
-        with self.phase(name):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(t.item())
-
     def max_all(self, values: list[float], name: str) -> list[float]:
         """The element-wise maximum of ``values`` over all ranks, on every rank (one small all-reduce on the
         control group)."""
@@ -160,7 +150,7 @@ def choose_device(env: DistEnv, cfg: DistConfig) -> torch.device:
         raise LaunchError("dist.device=cuda but CUDA is not available on this machine; "
                           "set dist.device=cpu (or auto) or run on a GPU node.")
     visible = torch.cuda.device_count()
-    if visible == 1 and env.launcher in ("slurm", "submitit") and env.gpus_per_task:
+    if visible == 1 and env.gpus_per_task:
         # srun --gpus-per-task=1 gives each task its own single visible GPU.
         return torch.device("cuda", 0)
     check_devices(env, visible)
@@ -174,13 +164,6 @@ def choose_backend(device: torch.device, cfg: DistConfig) -> str:
         raise LaunchError("dist.backend=nccl needs CUDA devices but this process runs on the CPU; "
                           "set dist.backend=gloo (or auto).")
     return backend
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -267,18 +250,19 @@ def _init_process_group(env: DistEnv, device: torch.device, backend: str, timeou
         raise _rendezvous_problem(env, e, timeout) from e
 
 
-def stop_with_parent() -> None:
-    """Ask the kernel for SIGTERM when the launching agent (torchrun) dies, even by SIGKILL.
+def stop_with_parent(agent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the launching agent ``agent_pid`` (our parent) dies, even by SIGKILL.
 
     Without it, workers of a killed agent train on into the run directory. SIGTERM is the ordinary
     stop signal: before training the process ends at once, in the loop at the next step (with a
-    checkpoint). Linux only (prctl); elsewhere a no-op.
+    checkpoint). If the parent already changed, the agent died before the request: nobody would signal
+    us, so we stop ourselves. Linux only (prctl); elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the agent died before the request was made: nobody will signal us
+    if os.getppid() != agent_pid:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -286,20 +270,22 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @contextmanager
-def distributed(cfg: DistConfig, environ: Mapping[str, str] | None = None) -> Iterator[Runtime]:
-    """Resolve the launch, bind the device, start the process group; always tear it down."""
-    env = DistEnv.from_environ(environ)
-    if env.launcher in ("torchrun", "accelerate"):  # their agent is our parent process
-        stop_with_parent()
-    device = choose_device(env, cfg)
-    choose_backend(device, cfg)  # a backend that cannot work on this device fails here, before any rendezvous
+def distributed(cfg: DistConfig, env: DistEnv | None = None, device: torch.device | None = None) -> Iterator[Runtime]:
+    """Bind the device, start the process group; always tear it down.
+
+    ``env`` and ``device`` are resolved here unless the caller (the entry point) already resolved them."""
+    env = env or resolve_env()
+    if env.agent_is_parent:  # torchrun's worker: follow the agent that started us
+        stop_with_parent(PARENT_AT_START)
+    device = device or choose_device(env, cfg)
+    backend = choose_backend(device, cfg)  # a backend that cannot work here fails before any rendezvous
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group, so NCCL never touches GPU 0 by mistake
     rt = Runtime(env=env, device=device, backend=None, timeout_s=cfg.timeout_s)
     try:
         if env.is_distributed:
-            rt.backend = choose_backend(device, cfg)
-            rt.control = _init_process_group(env, device, rt.backend, timedelta(seconds=cfg.timeout_s))
+            rt.backend = backend
+            rt.control = _init_process_group(env, device, backend, timedelta(seconds=cfg.timeout_s))
         yield rt
     finally:
         if dist.is_initialized():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
-import os
 import re
 import signal
 import subprocess

@@ -105,7 +105,7 @@ def runtime_identity() -> dict[str, Any]:
     cfg = debug_config([])
     with distributed(cfg.dist) as rt:
         return {"rank": rt.rank, "world": rt.world_size, "backend": rt.backend, "device": str(rt.device),
-                "any": rt.any(rt.rank == 1, "test"), "gathered": rt.gather_objects(rt.rank * 10, "test")}
+                "max": rt.max_all([float(rt.rank == 1), -rt.rank], "test"), "gathered": rt.gather_objects(rt.rank * 10, "test")}
 
 
 def evaluate_checkpoint(checkpoint: str, run_dir: str) -> dict[str, Any]:

@@ -16,15 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.core.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    atomic_write_text,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-    strip_prefixes,
-)
+from trainers.core.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from trainers.core.files import atomic_write_text
+from trainers.core.parallel import strip_prefixes
+from trainers.core.rng import rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -379,3 +374,18 @@ def test_background_saver_writes_a_snapshot_and_reports_failures(tmp_path: Path)
     with pytest.raises(Exception, match="(?i)pickle"):  # ... and the training thread hears of it
         saver.wait()
     assert CheckpointManager(tmp_path / "ckpt").load_latest()[1].name == "step-00000003.pt"  # type: ignore[index]
+
+
+def test_migrations_bring_every_earlier_format_to_todays() -> None:
+    from trainers.core.checkpoint import FORMAT, migrate
+
+    rank = {"rng": {"torch": torch.zeros(1)}, "window": 1.5, "window_steps": 3}
+    format0 = {"model": {}, "train_state": {"epoch": 1, "step_in_epoch": 2, "global_step": 6}, "sampler_seed": 7,
+               "global_batch_size": 64, "ranks": [rank]}
+    state = migrate(format0)
+    assert state["format"] == FORMAT and "sampler_seed" not in state
+    assert state["train_state"] == {"epoch": 1, "step_in_epoch": 2, "global_step": 6, "seed": 7, "global_batch_size": 64}
+    assert state["ranks"] == [{"rng": rank["rng"], "losses": {"sum": 1.5, "steps": 3}}]
+    assert migrate(state) == state, "today's format is left as it is"
+    with pytest.raises(CheckpointError, match="newer"):
+        migrate({**state, "format": FORMAT + 1})

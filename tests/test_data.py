@@ -14,7 +14,7 @@ from trainers.core.data import (
     ResumableDistributedSampler,
     shifted_crops,
     make_loader,
-    per_rank_batch,
+    micro_batch_size,
 )
 
 CPU = torch.device("cpu")
@@ -47,7 +47,7 @@ def tiny_split(n: int, seed: int = 0, size: int = 8) -> TinySplit:
 
 def sampler(n: int, world: int, rank: int, seed: int, batch: int) -> ResumableDistributedSampler:
     return ResumableDistributedSampler(tiny_split(n), num_replicas=world, rank=rank, seed=seed,
-                                       per_rank_batch=batch)
+                                       rank_batch_size=batch)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -57,20 +57,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return list(s)
 
 
-# --------------------------------------------------------------------------- per_rank_batch
+# --------------------------------------------------------------------------- micro_batch_size
 
 
 @pytest.mark.parametrize("global_batch, world, accum, expected",
                          [(512, 1, 1, 512), (512, 4, 1, 128), (512, 4, 2, 64), (12, 3, 1, 4), (6, 3, 2, 1)])
 def test_per_rank_batch_divides(global_batch, world, accum, expected):
-    assert per_rank_batch(global_batch, world, accum) == expected
+    assert micro_batch_size(global_batch, world, accum) == expected
 
 
 @pytest.mark.parametrize("global_batch, world, accum, parts, lower, upper",
                          [(100, 3, 1, 3, 99, 102), (100, 4, 2, 8, 96, 104), (130, 4, 1, 4, 128, 132)])
 def test_per_rank_batch_error_names_key_and_suggests_multiples(global_batch, world, accum, parts, lower, upper):
     with pytest.raises(ConfigError) as info:
-        per_rank_batch(global_batch, world, accum)
+        micro_batch_size(global_batch, world, accum)
     msg = str(info.value)
     assert f"train.batch_size={global_batch}" in msg
     assert f"multiple of {parts}" in msg
@@ -80,7 +80,7 @@ def test_per_rank_batch_error_names_key_and_suggests_multiples(global_batch, wor
 
 def test_per_rank_batch_smaller_than_parts_suggests_positive_multiple():
     with pytest.raises(ConfigError) as info:
-        per_rank_batch(3, 4, 1)
+        micro_batch_size(3, 4, 1)
     msg = str(info.value)
     assert "multiple of 4" in msg
     assert "e.g. 0" not in msg  # never suggests an empty batch
@@ -130,14 +130,14 @@ def test_order_is_pure_function_of_seed_and_epoch(world):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, global_batch", [(50, 12), (23, 12), (100, 24)])
 def test_steps_per_epoch_is_whole_global_batches(world, n, global_batch):
-    b = per_rank_batch(global_batch, world)
+    b = micro_batch_size(global_batch, world)
     for rank in range(world):
         assert sampler(n, world, rank, 0, b).steps_per_epoch == n // global_batch
 
 
 def global_batches(n: int, world: int, seed: int, epoch: int, global_batch: int, start_step: int = 0) -> list[set]:
     """The sample sets of each global batch: the union over ranks of their k-th per-rank batch."""
-    b = per_rank_batch(global_batch, world)
+    b = micro_batch_size(global_batch, world)
     per_rank = []
     for rank in range(world):
         s = sampler(n, world, rank, seed, b)
@@ -210,7 +210,7 @@ def test_device_and_dataloader_loaders_yield_identical_batches(drop_last, which)
     split = tiny_split(23, seed=1)
     b = 4
     if which == "train":
-        make_sampler = lambda: ResumableDistributedSampler(split, num_replicas=2, rank=1, seed=4, per_rank_batch=b)
+        make_sampler = lambda: ResumableDistributedSampler(split, num_replicas=2, rank=1, seed=4, rank_batch_size=b)
     else:
         make_sampler = lambda: EvalShard(len(split), 2, 1)
     s_dev, s_host = make_sampler(), make_sampler()

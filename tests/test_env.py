@@ -1,4 +1,5 @@
-"""Tests for launcher.env: pure environment-to-identity resolution, no torch, no processes."""
+"""Tests for launcher.env and launcher/environments/: pure environment-to-identity resolution, no torch,
+no processes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from launcher.env import (
     check_devices,
     expand_nodelist,
     port_from_job_id,
+    resolve_env,
 )
 
 
@@ -82,7 +84,7 @@ def slurm_env(
 def raises_naming(environ: dict[str, str], *names: str) -> str:
     """Resolve, expect a LaunchError, and check the message names every offending variable."""
     with pytest.raises(LaunchError) as info:
-        DistEnv.from_environ(environ)
+        resolve_env(environ)
     message = str(info.value)
     for name in names:
         assert name in message, f"{name!r} missing from: {message}"
@@ -94,26 +96,26 @@ def raises_naming(environ: dict[str, str], *names: str) -> str:
 
 
 def test_nothing_set_is_single_process() -> None:
-    env = DistEnv.from_environ({})
+    env = resolve_env({})
     assert env == DistEnv("single", 0, 0, 1, 1, 0, 1, "127.0.0.1", DEFAULT_MASTER_PORT, None)
     assert not env.is_distributed
     assert env.is_main
 
 
 def test_single_honours_master_port_but_not_stale_master_addr() -> None:
-    env = DistEnv.from_environ({"MASTER_PORT": "31337", "MASTER_ADDR": "far.away"})
+    env = resolve_env({"MASTER_PORT": "31337", "MASTER_ADDR": "far.away"})
     assert (env.launcher, env.master_addr, env.master_port) == ("single", "127.0.0.1", 31337)
 
 
 def test_empty_values_count_as_unset() -> None:
-    env = DistEnv.from_environ({"RANK": "", "WORLD_SIZE": " ", "MASTER_PORT": ""})
+    env = resolve_env({"RANK": "", "WORLD_SIZE": " ", "MASTER_PORT": ""})
     assert env.launcher == "single"
     assert env.master_port == DEFAULT_MASTER_PORT
 
 
 def test_single_keeps_slurm_job_id_of_batch_script_without_ntasks() -> None:
     # `python train.py` in an sbatch script without --ntasks: no task count, one process.
-    env = DistEnv.from_environ({"SLURM_JOB_ID": "77", "SLURM_PROCID": "0"})
+    env = resolve_env({"SLURM_JOB_ID": "77", "SLURM_PROCID": "0"})
     assert (env.launcher, env.world_size, env.job_id) == ("single", 1, "77")
 
 
@@ -121,13 +123,13 @@ def test_single_keeps_slurm_job_id_of_batch_script_without_ntasks() -> None:
 
 
 def test_torchrun_single_node() -> None:
-    env = DistEnv.from_environ(torchrun_env(rank=3, local_rank=3, world=4, lws=4, group_rank=0))
+    env = resolve_env(torchrun_env(rank=3, local_rank=3, world=4, lws=4, group_rank=0))
     assert env == DistEnv("torchrun", 3, 3, 4, 4, 0, 1, "10.0.0.1", 29400, None)
     assert env.is_distributed and not env.is_main
 
 
 def test_torchrun_multi_node() -> None:
-    env = DistEnv.from_environ(torchrun_env(rank=13, local_rank=5, world=16, lws=8, group_rank=1))
+    env = resolve_env(torchrun_env(rank=13, local_rank=5, world=16, lws=8, group_rank=1))
     assert (env.rank, env.local_rank, env.node_rank, env.num_nodes) == (13, 5, 1, 2)
     assert env.local_world_size == 8
 
@@ -135,37 +137,37 @@ def test_torchrun_multi_node() -> None:
 def test_torchrun_derives_missing_optional_fields() -> None:
     environ = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
                "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
-    env = DistEnv.from_environ(environ)
+    env = resolve_env(environ)
     assert (env.local_rank, env.node_rank, env.num_nodes) == (1, 1, 2)
 
 
 def test_torchrun_without_local_world_size_assumes_one_node() -> None:
     environ = {"RANK": "2", "WORLD_SIZE": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
-    env = DistEnv.from_environ(environ)
+    env = resolve_env(environ)
     assert (env.local_world_size, env.num_nodes, env.local_rank, env.node_rank) == (3, 1, 2, 0)
 
 
 def test_torchrun_world_of_one_defaults_master() -> None:
-    env = DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "1"})
+    env = resolve_env({"RANK": "0", "WORLD_SIZE": "1"})
     assert (env.launcher, env.master_addr, env.master_port) == ("torchrun", "127.0.0.1", 29500)
 
 
 def test_torchrun_run_id_becomes_job_id_unless_none() -> None:
-    named = DistEnv.from_environ(torchrun_env(0, 0, 2, 2, 0, TORCHELASTIC_RUN_ID="exp7"))
-    default = DistEnv.from_environ(torchrun_env(0, 0, 2, 2, 0))
+    named = resolve_env(torchrun_env(0, 0, 2, 2, 0, TORCHELASTIC_RUN_ID="exp7"))
+    default = resolve_env(torchrun_env(0, 0, 2, 2, 0))
     assert (named.job_id, default.job_id) == ("exp7", None)
 
 
 @pytest.mark.parametrize("marker", ["ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"])
 def test_accelerate_detected_from_its_launcher_variables(marker: str) -> None:
-    env = DistEnv.from_environ(torchrun_env(1, 1, 2, 2, 0, **{marker: "bf16"}))
+    env = resolve_env(torchrun_env(1, 1, 2, 2, 0, **{marker: "bf16"}))
     assert env.launcher == "accelerate"
     assert (env.rank, env.world_size) == (1, 2)
 
 
 def test_accelerate_library_variables_alone_do_not_mean_accelerate_launch() -> None:
     # Accelerator(fsdp_plugin=...) writes ACCELERATE_USE_FSDP in-process under plain torchrun.
-    env = DistEnv.from_environ(torchrun_env(0, 0, 2, 2, 0, ACCELERATE_USE_FSDP="true"))
+    env = resolve_env(torchrun_env(0, 0, 2, 2, 0, ACCELERATE_USE_FSDP="true"))
     assert env.launcher == "torchrun"
 
 
@@ -173,20 +175,20 @@ def test_torchrun_wins_over_slurm() -> None:
     # `srun torchrun --nproc_per_node=4`: SLURM sees one task per node, torchrun the workers.
     environ = slurm_env(procid=1, localid=0, nodeid=1, ntasks=2, nnodes=2, tasks_per_node="1(x2)")
     environ.update(torchrun_env(rank=6, local_rank=2, world=8, lws=4, group_rank=1))
-    env = DistEnv.from_environ(environ)
+    env = resolve_env(environ)
     assert (env.launcher, env.rank, env.world_size, env.node_rank) == ("torchrun", 6, 8, 1)
     assert env.job_id == "4242"  # the SLURM job id is still the best run identifier
 
 
 def test_contract_round_trips() -> None:
-    env = DistEnv.from_environ(slurm_env(4, 0, 2, 5, 3, "2(x2),1", nodelist="n[1-3]"))
+    env = resolve_env(slurm_env(4, 0, 2, 5, 3, "2(x2),1", nodelist="n[1-3]"))
     contract = env.contract()
     assert contract == {
         "RANK": "4", "LOCAL_RANK": "0", "WORLD_SIZE": "5", "LOCAL_WORLD_SIZE": "1",
         "GROUP_RANK": "2", "GROUP_WORLD_SIZE": "3", "MASTER_ADDR": "n1",
         "MASTER_PORT": str(port_from_job_id("4242", "0")),
     }
-    again = DistEnv.from_environ(contract)
+    again = resolve_env(contract)
     assert again == DistEnv("torchrun", 4, 0, 5, 1, 2, 3, "n1", env.master_port, None)
 
 
@@ -194,7 +196,7 @@ def test_contract_round_trips() -> None:
 
 
 def test_slurm_multi_node() -> None:
-    env = DistEnv.from_environ(slurm_env(procid=5, localid=1, nodeid=1, ntasks=8, nnodes=2,
+    env = resolve_env(slurm_env(procid=5, localid=1, nodeid=1, ntasks=8, nnodes=2,
                                          tasks_per_node="4(x2)"))
     assert env == DistEnv("slurm", 5, 1, 8, 4, 1, 2, "gpu01", port_from_job_id("4242", "0"), "4242")
 
@@ -207,21 +209,24 @@ def test_slurm_multi_node() -> None:
         ("n[1-2]-ib", "n1-ib"),
         ("rack[2-3]-gpu[010-011]", "rack2-gpu010"),
         ("single-host", "single-host"),
+        ("alpha, host[5-9], gamma", "alpha"),  # spaces after commas, as some tools write them
+        ("1.2.3.[089, 100-110]", "1.2.3.089"),  # spaces inside brackets
+        ("alpha beta gamma", "alpha"),  # spaces as separators: three hosts, never one name with spaces
     ],
 )
 def test_slurm_master_addr_is_first_expanded_host(nodelist: str, first: str) -> None:
-    env = DistEnv.from_environ(slurm_env(0, 0, 0, 2, 2, "1(x2)", nodelist=nodelist))
+    env = resolve_env(slurm_env(0, 0, 0, 2, 2, "1(x2)", nodelist=nodelist))
     assert env.master_addr == first
 
 
 def test_slurm_prefers_step_nodelist_over_job_nodelist() -> None:
     environ = slurm_env(0, 0, 0, 2, 2, "1(x2)", nodelist="a[1-4]", SLURM_STEP_NODELIST="a[3-4]")
-    assert DistEnv.from_environ(environ).master_addr == "a3"
+    assert resolve_env(environ).master_addr == "a3"
 
 
 def test_slurm_master_addr_and_port_overrides() -> None:
     environ = slurm_env(0, 0, 0, 2, 2, "1(x2)", MASTER_ADDR="10.1.2.3", MASTER_PORT="23456")
-    env = DistEnv.from_environ(environ)
+    env = resolve_env(environ)
     assert (env.master_addr, env.master_port) == ("10.1.2.3", 23456)
 
 
@@ -238,7 +243,7 @@ def test_slurm_master_addr_and_port_overrides() -> None:
 def test_slurm_tasks_per_node_forms(
     tasks_per_node: str, ntasks: int, nnodes: int, nodeid: int, procid: int, expected_lws: int
 ) -> None:
-    env = DistEnv.from_environ(slurm_env(procid, 0, nodeid, ntasks, nnodes, tasks_per_node,
+    env = resolve_env(slurm_env(procid, 0, nodeid, ntasks, nnodes, tasks_per_node,
                                          nodelist=f"n[0-{nnodes - 1}]"))
     assert (env.local_world_size, env.num_nodes, env.node_rank) == (expected_lws, nnodes, nodeid)
 
@@ -248,7 +253,7 @@ def test_slurm_step_values_win_over_allocation_values() -> None:
     environ = slurm_env(1, 1, 0, 8, 2, "4(x2)", step=False)
     environ.update(SLURM_STEP_ID="3", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1",
                    SLURM_STEP_TASKS_PER_NODE="2", SLURM_STEP_NODELIST="gpu02")
-    env = DistEnv.from_environ(environ)
+    env = resolve_env(environ)
     layout = (env.world_size, env.num_nodes, env.local_world_size, env.master_addr)
     assert layout == (2, 1, 2, "gpu02")
 
@@ -257,24 +262,24 @@ def test_slurm_job_num_nodes_fallback() -> None:
     environ = slurm_env(0, 0, 0, 2, 2, "1(x2)", step=True)
     for name in ("SLURM_STEP_NUM_NODES", "SLURM_NNODES"):
         del environ[name]
-    assert DistEnv.from_environ(environ).num_nodes == 2
+    assert resolve_env(environ).num_nodes == 2
 
 
 def test_slurm_without_tasks_per_node_assumes_even_split() -> None:
     environ = slurm_env(5, 1, 2, 6, 3, "2(x3)")
     del environ["SLURM_TASKS_PER_NODE"], environ["SLURM_STEP_TASKS_PER_NODE"]
-    assert DistEnv.from_environ(environ).local_world_size == 2
+    assert resolve_env(environ).local_world_size == 2
 
 
 @pytest.mark.parametrize("marker", ["SUBMITIT_EXECUTOR", "SUBMITIT_FOLDER"])
 def test_submitit_detected(marker: str) -> None:
-    env = DistEnv.from_environ(slurm_env(1, 1, 0, 2, 1, "2", nodelist="g1", **{marker: "slurm"}))
+    env = resolve_env(slurm_env(1, 1, 0, 2, 1, "2", nodelist="g1", **{marker: "slurm"}))
     assert env.launcher == "submitit"
     assert (env.rank, env.world_size, env.master_addr) == (1, 2, "g1")
 
 
 def test_batch_script_with_one_task_is_fine_without_srun() -> None:
-    env = DistEnv.from_environ(slurm_env(0, 0, 0, 1, 1, "1", nodelist="gpu07", step=False))
+    env = resolve_env(slurm_env(0, 0, 0, 1, 1, "1", nodelist="gpu07", step=False))
     assert (env.launcher, env.world_size, env.master_addr) == ("slurm", 1, "gpu07")
 
 
@@ -314,6 +319,9 @@ def test_port_from_job_id_without_digits() -> None:
 
 def test_expand_nodelist() -> None:
     assert expand_nodelist("gpu[01-03,07],cpu5") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]
+    assert expand_nodelist("alpha, host[5-6], gamma") == ["alpha", "host5", "host6", "gamma"]
+    assert expand_nodelist("1.2.3.[089, 100-101]") == ["1.2.3.089", "1.2.3.100", "1.2.3.101"]
+    assert expand_nodelist("alpha beta\tgamma") == ["alpha", "beta", "gamma"]
     assert expand_nodelist("n[1-2]-ib") == ["n1-ib", "n2-ib"]
     assert expand_nodelist(" node1,node2 ") == ["node1", "node2"]
 
@@ -471,7 +479,7 @@ def test_check_devices_no_gpu() -> None:
 
 
 def test_dist_env_is_frozen() -> None:
-    env = DistEnv.from_environ({})
+    env = resolve_env({})
     with pytest.raises(AttributeError):
         env.rank = 1  # type: ignore[misc]
 
@@ -487,15 +495,15 @@ def test_module_does_not_import_torch() -> None:
 
 
 def test_concurrent_srun_steps_of_one_job_get_different_ports() -> None:
-    step0 = DistEnv.from_environ(slurm_env(0, 0, 0, 2, 1, "2"))
-    step1 = DistEnv.from_environ({**slurm_env(0, 0, 0, 2, 1, "2"), "SLURM_STEP_ID": "1"})
+    step0 = resolve_env(slurm_env(0, 0, 0, 2, 1, "2"))
+    step1 = resolve_env({**slurm_env(0, 0, 0, 2, 1, "2"), "SLURM_STEP_ID": "1"})
     assert step0.master_port != step1.master_port
-    assert step0.master_port == DistEnv.from_environ(slurm_env(1, 1, 0, 2, 1, "2")).master_port, "ranks agree"
+    assert step0.master_port == resolve_env(slurm_env(1, 1, 0, 2, 1, "2")).master_port, "ranks agree"
     assert port_from_job_id("123", "4") != port_from_job_id("123_4")
 
 
 def test_submitit_local_executor_tasks() -> None:
-    env = DistEnv.from_environ({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+    env = resolve_env({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
                                 "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "4242"})
     assert (env.launcher, env.rank, env.local_rank, env.world_size, env.num_nodes) == ("submitit", 1, 1, 2, 1)
     assert env.master_addr == "127.0.0.1" and env.master_port == port_from_job_id("4242")
@@ -503,5 +511,5 @@ def test_submitit_local_executor_tasks() -> None:
 
 def test_submitit_local_rank_outside_the_world_is_an_error() -> None:
     with pytest.raises(LaunchError, match="SUBMITIT_LOCAL_GLOBALID=2 is outside"):
-        DistEnv.from_environ({"SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_LOCALID": "0",
+        resolve_env({"SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_LOCALID": "0",
                               "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "1"})

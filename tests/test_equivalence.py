@@ -66,7 +66,7 @@ def test_runtime_agreement_on_two_ranks() -> None:
     out = run_ranks(runtime_identity, 2)
     assert [o["rank"] for o in out] == [0, 1]
     assert all(o["backend"] == "gloo" and o["device"] == "cpu" and o["world"] == 2 for o in out)
-    assert all(o["any"] is True for o in out), "a flag set on rank 1 only must be seen by every rank"
+    assert all(o["max"] == [1.0, 0.0] for o in out), "a flag set on rank 1 only must be seen by every rank"
     assert all(o["gathered"] == [0, 10] for o in out)
 
 

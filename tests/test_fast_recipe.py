@@ -10,7 +10,8 @@ import torch
 
 from launcher.config import ConfigError, load_config
 from trainers.core.config import SchedConfig
-from trainers.cifar import CifarConfig, CifarTask, Lookahead
+from trainers.cifar import CifarConfig, CifarTask
+from trainers.core.averaging import Lookahead
 from trainers.core.data import Augment
 from trainers.core.optim import lr_factor
 from trainers.models import airbench_net, init_whitening

@@ -101,7 +101,7 @@ def test_device_loader_on_cuda_gives_the_dataloaders_batches() -> None:
     split = synthetic_cifar10(1000, seed=0)
     batches = {}
     for kind in ("device", "dataloader"):
-        sampler = ResumableDistributedSampler(split, 1, 0, seed=0, per_rank_batch=100)
+        sampler = ResumableDistributedSampler(split, 1, 0, seed=0, rank_batch_size=100)
         sampler.set_epoch(0)
         loader = make_loader(kind, split, sampler, 100, True, torch.device("cuda"), 0)
         batches[kind] = [(x.clone(), i.clone()) for (x, _), i in loader.epoch(0, 0)]
@@ -113,13 +113,14 @@ def test_device_loader_on_cuda_gives_the_dataloaders_batches() -> None:
 def test_no_host_synchronisation_between_log_steps(tmp_path: Path) -> None:
     """Between two log lines a training step must not wait for the GPU (no .item(), no host copies)."""
     from launcher.config import load_config
+    from launcher.env import resolve_env
     from launcher.runtime import distributed
     from trainers.cifar import CifarConfig, CifarTask
     from trainers.core.trainer import Trainer
 
     cfg = load_config(DEBUG_CONFIG, [f"run.dir={tmp_path}", "run.progress=quiet", "data.loader=device",
                                      "run.log_every=1000000", "checkpoint.every_epochs=0"], schema=CifarConfig)
-    with distributed(cfg.dist, {}) as rt:
+    with distributed(cfg.dist, resolve_env({})) as rt:
         trainer = Trainer(CifarTask(cfg), rt, tmp_path)
         trainer.train_epoch(0)  # warm-up (first-step allocations and the stop check's first agreement)
         trainer.state.epoch, trainer.state.step_in_epoch = 1, 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from launcher.signals import PREEMPTED_EXIT_CODE
 from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint
-from trainers.core.checkpoint import CheckpointManager
+from trainers.core.checkpoint import FORMAT, CheckpointManager
 
 # 64 steps per epoch, 2 epochs: long enough to interrupt well inside the first epoch.
 EXACT = ["data.synthetic_train_size=4096", "train.batch_size=64", "train.epochs=2", "run.log_every=1",
@@ -203,3 +204,25 @@ def test_checkpoint_moves_between_world_sizes(tmp_path: Path, saved_world: int, 
     results = run_ranks(evaluate_checkpoint, loaded_world, str(ckpt), str(tmp_path / "eval"))
     for r in results:
         assert r["test_acc"] == saved_acc and r["test_samples"] == 500
+
+
+#: The settings tests/golden/checkpoint-format1-step6.pt was written with (by the toolkit before the Checkpointer,
+#: format 1: per-rank "window"/"window_steps", no format number), 2 epochs of 4 steps, stopped at step 6.
+FORMAT1 = ["data.synthetic_train_size=256", "data.synthetic_test_size=64", "train.batch_size=64", "train.epochs=2",
+           "model.width=4", "checkpoint.every_steps=2", "checkpoint.keep_last=10", "run.deterministic=true",
+           "run.progress=lines"]
+
+
+def test_a_checkpoint_of_an_earlier_format_resumes_exactly(tmp_path: Path) -> None:
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    run = [PYTHON, "-m", "trainers.cifar", "--config", str(DEBUG_CONFIG), *FORMAT1]
+    assert run_command([*run, f"run.dir={straight}"], timeout=300).returncode == 0
+    (old / "checkpoints").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "golden" / "checkpoint-format1-step6.pt", old / "checkpoints" / "step-00000006.pt")
+    resumed = run_command([*run, f"run.dir={old}"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "step 6 (2 steps into the epoch)" in resumed.stdout
+    a, b = _final_weights(straight), _final_weights(old)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resuming the old checkpoint must give the uninterrupted weights"
+    state, _ = CheckpointManager(old / "checkpoints").load_latest()  # type: ignore[misc]
+    assert state["format"] == FORMAT and set(state["ranks"][0]) == {"rng", "losses"}, "new saves use today's format"

@@ -95,7 +95,7 @@ def test_srun_two_ranks_train_cifar(tmp_path: Path) -> None:
         assert (run_dir / produced).is_file(), f"{produced} missing from {run_dir}: {sorted(os.listdir(run_dir))}"
 
 
-_PRINT_ENV = "import os; from launcher.env import DistEnv; print(DistEnv.from_environ(os.environ))"
+_PRINT_ENV = "import os; from launcher.env import resolve_env; print(resolve_env(os.environ))"
 
 
 def _sbatch_without_srun(tmp_path: Path, ntasks: int) -> tuple[int, str]:

@@ -172,7 +172,9 @@ def test_debug_mode_one_process_few_batches_and_a_model_summary(tmp_path: Path) 
     result = run_command([*CIFAR, *QUICK, "run.debug=true", f"run.dir={tmp_path / 'run'}", "run.log_every=1"],
                          timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "parameters" in result.stdout and "Conv2d" in result.stdout and "256x10" in result.stdout  # eval batch
+    # The summary runs one training batch (train.batch_size=128), not an evaluation batch (256)
+    assert "parameters" in result.stdout and "Conv2d" in result.stdout and "input 128x3x32x32" in result.stdout
+    assert "128x10" in result.stdout and "256x10" not in result.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
     assert steps == [1, 2, 3, 4], "a handful of batches per epoch"

@@ -45,6 +45,10 @@ class DeviceTraits:
         return cls("cuda", bf16=torch.cuda.is_bf16_supported(including_emulation=False), triton=has_triton())
 
 
+#: The keys whose default, ``auto``, is decided per device.
+AUTO_KEYS = ("train.precision", "model.channels_last", "model.compile")
+
+
 def auto_choices(traits: DeviceTraits, debug: bool) -> dict[str, Any]:
     """The value ``auto`` takes for each key on a device with ``traits`` (the module docstring says why)."""
     cuda = traits.kind == "cuda"
@@ -63,6 +67,18 @@ def resolve_auto(cfg: C, traits: DeviceTraits) -> tuple[C, dict[str, Any]]:
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
     return replace(cfg, **sections), chosen
+
+
+def settle(task: Any, traits: DeviceTraits) -> dict[str, Any]:
+    """Make sure ``task.cfg`` holds this device's values and ``task.given`` the user's (with ``auto``s); returns
+    what each ``auto`` became.
+
+    ``run_task`` resolves once and builds the task with the resolved config; a task built by hand (a
+    notebook, a test) is resolved here, before the trainer asks it to build anything."""
+    if task.given is None:
+        task.given = task.cfg
+        task.cfg, _ = resolve_auto(task.cfg, traits)
+    return {key: get(task.cfg, key) for key in AUTO_KEYS if _is_auto(get(task.given, key))}
 
 
 def describe_choices(chosen: dict[str, Any], kind: str) -> str:

@@ -18,19 +18,17 @@ loader yields ``(batch, index)`` where ``index`` holds the dataset indices of th
 from __future__ import annotations
 
 import math
-import random
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data import default_collate
 
 from launcher.config import ConfigError
+from trainers.core.rng import rngs_preserved, sample_seed, seed_global_rngs
 
 __all__ = [
-    "TensorSplit", "per_rank_batch", "ResumableDistributedSampler", "EvalShard", "sample_seed", "make_loader",
+    "TensorSplit", "micro_batch_size", "ResumableDistributedSampler", "EvalShard", "sample_seed", "make_loader",
     "DeviceLoader", "HostLoader", "tree_map", "to_device", "chunk", "batch_len", "Augment", "Normalize",
     "shifted_crops",
 ]
@@ -130,8 +128,9 @@ class TensorSplit(Dataset):
 # ----------------------------------------------------------------------------------- order and shards
 
 
-def per_rank_batch(global_batch: int, world_size: int, grad_accum: int = 1) -> int:
-    """Micro-batch size of one rank, derived from the configured global batch."""
+def micro_batch_size(global_batch: int, world_size: int, grad_accum: int = 1) -> int:
+    """Samples in one micro-batch of one rank (the global batch over ranks and accumulation steps); a
+    ConfigError naming workable values when the global batch does not divide."""
     parts = world_size * grad_accum
     if global_batch % parts:
         lower, upper = global_batch // parts * parts, math.ceil(global_batch / parts) * parts
@@ -149,14 +148,14 @@ class ResumableDistributedSampler(DistributedSampler):
     resumed run continues at the next unseen batch (also after a change of world size).
     """
 
-    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int, per_rank_batch: int) -> None:
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int, rank_batch_size: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.per_rank_batch = per_rank_batch
+        self.rank_batch_size = rank_batch_size  # this rank's share of a global batch (all its micro-batches)
         self.start_step = 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.per_rank_batch
+        return self.num_samples // self.rank_batch_size
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         super().set_epoch(epoch)
@@ -164,10 +163,10 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
-        return iter(indices[self.start_step * self.per_rank_batch:])
+        return iter(indices[self.start_step * self.rank_batch_size:])
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start_step * self.per_rank_batch)
+        return max(0, self.num_samples - self.start_step * self.rank_batch_size)
 
 
 class EvalShard(Sampler[int]):
@@ -184,45 +183,6 @@ class EvalShard(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-# ----------------------------------------------------------------------------------- per-sample seeds
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample's random transforms: a pure function of its arguments."""
-    return _splitmix64(_splitmix64(_splitmix64(seed) ^ (epoch & _MASK64)) ^ index) >> 1
-
-
-def _seed_rngs(seed: int) -> None:
-    """Seed the global RNGs that random transforms draw from: torch (CPU), python and numpy."""
-    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: seeding every GPU costs ~100x more
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-@contextmanager
-def _rngs_preserved() -> Iterator[None]:
-    """Restore the global RNGs afterwards, unless in a DataLoader worker (whose RNGs belong to nobody else)."""
-    if get_worker_info() is not None:
-        yield
-        return
-    saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.default_generator.set_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
 
 
 class _Collated:
@@ -246,19 +206,19 @@ class _KeyedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
-        with _rngs_preserved():
+        with rngs_preserved():
             return self._fetch(key)
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
         if isinstance(self.dataset, TensorSplit):  # plain tensors: no transforms to seed, one gather
             indices = torch.tensor([i for i, _ in keys], dtype=torch.int64)
             return _Collated((self.dataset.gather(indices), indices))
-        with _rngs_preserved():  # once per batch: saving and restoring the RNGs costs more than seeding them
+        with rngs_preserved():  # once per batch: saving and restoring the RNGs costs more than seeding them
             return [self._fetch(key) for key in keys]
 
     def _fetch(self, key: tuple[int, int]) -> tuple[Any, int]:
         index, seed = key
-        _seed_rngs(seed)
+        seed_global_rngs(seed)
         return self.dataset[index], index
 
 
@@ -328,6 +288,35 @@ class HostLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def build_loaders(cfg: Any, world_size: int, rank: int, device: torch.device, train: Any, evaluation: Any,
+                  seed: int) -> tuple[ResumableDistributedSampler, DeviceLoader | HostLoader, DeviceLoader | HostLoader]:
+    """This rank's training sampler and loader (its share of each global batch, in the seeded order) and its
+    evaluation loader (its exact shard), as the config's ``data.*``, ``train.batch_size`` and
+    ``eval.batch_size`` say (``cfg``: a run's resolved config)."""
+    data = cfg.data
+    workers = 0 if cfg.run.debug else data.num_workers  # debug: breakpoints in the Dataset work
+
+    def loader(dataset: Any, sampler: Sampler[int], batch: int, training: bool) -> DeviceLoader | HostLoader:
+        return make_loader(data.loader, dataset, sampler, batch, training, device, workers, pin_memory=data.pin_memory,
+                           persistent_workers=data.persistent_workers and training,
+                           prefetch_factor=data.prefetch_factor)
+
+    rank_batch = cfg.train.batch_size // world_size  # this rank's share, cut into grad_accum micro-batches
+    sampler = ResumableDistributedSampler(train, world_size, rank, seed, rank_batch)
+    return (sampler, loader(train, sampler, rank_batch, True),
+            loader(evaluation, EvalShard(len(evaluation), world_size, rank), max(1, cfg.eval.batch_size // world_size),
+                   False))
+
+
+def check_splits(train: Any, evaluation: Any, global_batch: int) -> None:
+    """ConfigError when the training set cannot fill one global batch or the evaluation set is empty."""
+    if len(train) < global_batch:
+        raise ConfigError(f"The training set has {len(train)} samples, fewer than one global batch "
+                          f"(train.batch_size={global_batch}); lower train.batch_size.")
+    if len(evaluation) == 0:
+        raise ConfigError("The evaluation set is empty; give the task evaluation data.")
 
 
 def make_loader(kind: str, split: Any, sampler: Sampler[int], batch_size: int, drop_last: bool,

@@ -21,14 +21,15 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from launcher.config import fingerprint, load_config, replace, to_yaml
-from trainers.core.config import Config
-from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, tracebacks_requested
+from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, resolve_env, tracebacks_requested
 from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import (CollectiveError, Runtime, choose_backend, choose_device, configure_determinism,
                               distributed)
 from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, stop_during_startup
+from trainers.core.auto import DeviceTraits, resolve_auto
 from trainers.core.cli import parse_args
-from trainers.core.data import per_rank_batch
+from trainers.core.config import Config
+from trainers.core.data import micro_batch_size
 from trainers.core.rundir import RunDirError, claim
 from trainers.core.task import Task
 from trainers.core.trainer import Trainer
@@ -50,31 +51,39 @@ def default_run_dir(cfg: Config, task_name: str) -> Path:
     return Path("runs") / f"{cfg.run.name or task_name}-{fingerprint(cfg)}"
 
 
-def check_before_launch(cfg: Config, env: DistEnv) -> None:
+def check_before_launch(cfg: Config, env: DistEnv) -> torch.device:
     """Everything that can fail on its own before the process group starts, checked on every rank,
-    so that no rank waits in a rendezvous for a rank that already gave up."""
-    per_rank_batch(cfg.train.batch_size, env.world_size, cfg.train.grad_accum)
-    choose_backend(choose_device(env, cfg.dist), cfg.dist)  # dist.device=cuda or nccl without a GPU
+    so that no rank waits in a rendezvous for a rank that already gave up; returns this rank's device."""
+    micro_batch_size(cfg.train.batch_size, env.world_size, cfg.train.grad_accum)
+    device = choose_device(env, cfg.dist)
+    choose_backend(device, cfg.dist)  # dist.device=cuda or nccl without a GPU
     if cfg.run.debug and env.world_size > 1:
         raise LaunchError(f"run.debug=true runs one process (breakpoints, pdb), but this launch has {env.world_size} "
                           f"ranks ({env.launcher}); start it with plain python, or drop run.debug.")
+    return device
 
 
-def _train(cfg: Config, rt: Runtime, task_cls: type[Task], trainer: TrainerFactory) -> dict[str, Any]:
+def _train(given: Config, env: DistEnv, device: torch.device, task_cls: type[Task],
+           trainer: TrainerFactory) -> dict[str, Any]:
+    """Resolve the device-dependent settings once, start the process group, claim the run directory, train."""
+    cfg, _ = resolve_auto(given, DeviceTraits.of(device))
     configure_determinism(cfg.run.deterministic or cfg.run.debug)
     if cfg.run.debug:
         torch.autograd.set_detect_anomaly(True)  # a NaN names the operation that made it
-    run_dir = Path(cfg.run.dir)
-    problem = None
-    if rt.is_main:  # rank 0 claims the directory and tells the others, so that all stop together on a refusal
-        try:
-            claim(run_dir)
-        except RunDirError as e:
-            problem = str(e)
-    problem = rt.broadcast_object(problem, "run directory")
-    if problem:
-        raise RunDirError(problem)
-    return trainer(task_cls(cfg), rt, run_dir).fit()
+    with distributed(cfg.dist, env, device) as rt:
+        run_dir = Path(cfg.run.dir)
+        problem = None
+        if rt.is_main:  # rank 0 claims the directory and tells the others, so that all stop together on a refusal
+            try:
+                claim(run_dir)
+            except RunDirError as e:
+                problem = str(e)
+        problem = rt.broadcast_object(problem, "run directory")
+        if problem:
+            raise RunDirError(problem)
+        task = task_cls(cfg)
+        task.given = given  # the user's config, `auto`s included: config.yaml keeps them
+        return trainer(task, rt, run_dir).fit()
 
 
 def _report(error: BaseException, cfg: Config | None) -> None:
@@ -130,11 +139,10 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        env = DistEnv.from_environ()
-        check_before_launch(cfg, env)
+        env = resolve_env()
+        device = check_before_launch(cfg, env)
         cfg = replace(cfg, run={"dir": cfg.run.dir or str(default_run_dir(cfg, task.name))})
-        with distributed(cfg.dist) as rt:
-            _train(cfg, rt, task, trainer or Trainer)
+        _train(cfg, env, device, task, trainer or Trainer)
         return 0
     except Preempted:
         return PREEMPTED_EXIT_CODE

@@ -21,7 +21,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Metric", "Accuracy", "MeanLoss", "ConfusionMatrix", "MeanIoU"]
+from launcher.config import ConfigError
+
+__all__ = ["Metric", "Accuracy", "MeanLoss", "ConfusionMatrix", "MeanIoU", "ranking_metric"]
 
 
 class Metric:
@@ -126,3 +128,15 @@ class MeanIoU(ConfusionMatrix):
         union = m.sum(0) + m.sum(1) - inter
         present = union > 0
         return (inter[present] / union[present]).mean().item() if present.any() else float("nan")
+
+
+def ranking_metric(metrics: dict[str, Metric], best_metric: str, keep_best: bool) -> tuple[str, float]:
+    """The reported metric (``test_<name>``) that ranks checkpoints, and its sign (+1: higher is better).
+
+    ``best_metric`` names it (empty: the first ranking metric); ConfigError if it is not one of ``metrics``."""
+    ranking = {f"test_{n}": m.higher_is_better for n, m in metrics.items() if m.higher_is_better is not None}
+    name = best_metric or next(iter(ranking), "")
+    if name not in ranking and (keep_best or best_metric):
+        raise ConfigError(f"checkpoint.best_metric={name or '(empty)'} is not one of this task's ranking metrics "
+                          f"({', '.join(ranking) or 'none'}); set it to one of these, or checkpoint.keep_best=false.")
+    return name, 1.0 if ranking.get(name, True) else -1.0

@@ -1,4 +1,5 @@
-"""Data parallelism: DDP wrapping and unwrapping, synchronized BatchNorm (GPU and CPU), no_sync.
+"""Data parallelism: DDP wrapping and unwrapping (and the ``module.`` / ``_orig_mod.`` key prefixes wrappers
+add), synchronized BatchNorm (GPU and CPU), no_sync.
 
 torch.nn.SyncBatchNorm runs only on CUDA tensors. ``GlooSyncBatchNorm`` gives CPU (gloo) runs the
 same statistics over the global batch, through torch's differentiable all_reduce, so SyncBN can be
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import OrderedDict
 from typing import Any, ContextManager
 
 import torch
@@ -16,6 +18,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainers.core.data import tree_map
 
 
 def _global_sum(x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +114,71 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def spread(model: nn.Module, device: torch.device, world_size: int, *, sync_bn: bool, channels_last: bool,
+           compile: bool) -> nn.Module:
+    """The model as every rank trains it: BatchNorm synchronised across ranks (``sync_bn``), on the device,
+    NHWC (``channels_last``), compiled (``compile``, inside DDP so that no_sync and unwrap see DDP on the
+    outside) and wrapped in DDP when there is more than one rank."""
+    if sync_bn and world_size > 1:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return wrap_ddp(model, device, world_size)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics drift apart across ranks after the last
+    forward; rank 0's are the ones checkpointed). A collective; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, src=0)
+
+
+def to_memory_format(batch: Any, channels_last: bool) -> Any:
+    """4-D float tensors of ``batch`` in NHWC when the model is (others as they are)."""
+    if not channels_last:
+        return batch
+    return tree_map(lambda t: t.contiguous(memory_format=torch.channels_last)
+                    if t.dim() == 4 and t.is_floating_point() else t, batch)
+
+
 def maybe_no_sync(model: nn.Module, sync: bool) -> ContextManager[None]:
     """DDP's no_sync on accumulation micro-steps that must not all-reduce gradients yet."""
     if sync or not isinstance(model, DDP):
         return contextlib.nullcontext()
     return model.no_sync()
 
+
+def _strip_key(key: str, prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> str:
+    stripped = True
+    while stripped:  # wrappers nest: DDP(compile(model)) gives "module._orig_mod.", and vice versa
+        stripped = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, stripped = key[len(p):], True
+    return key
+
+
+def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) from keys, however nested.
+
+    A checkpoint of a wrapped model then loads into the bare model. Raises ValueError if two keys
+    become the same (the dict mixed wrapped and bare names).
+    """
+    out: OrderedDict[str, Any] = OrderedDict()
+    for key, value in state_dict.items():
+        new = _strip_key(key) if isinstance(key, str) else key
+        if new in out:
+            raise ValueError(f"strip_prefixes: keys collide on {new!r} (from {key!r}); the state dict mixes "
+                             "wrapped and unwrapped parameter names")
+        out[new] = value
+    # load_state_dict reads per-module versions from _metadata (e.g. BatchNorm); keep it under the new
+    # names. Its keys are module paths, so the wrapper itself ("module") maps to the root ("").
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (_strip_key(k + ".")[:-1] if k else k, v) for k, v in meta.items())
+    return out

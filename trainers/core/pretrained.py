@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from launcher.config import ConfigError
-from trainers.core.checkpoint import CheckpointError, load_checkpoint, strip_prefixes
+from launcher.errors import CheckpointError
+from trainers.core.checkpoint.storage import load_checkpoint
+from trainers.core.parallel import strip_prefixes
 
 __all__ = ["InitReport", "init_from", "freeze"]
 

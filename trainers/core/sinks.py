@@ -18,7 +18,7 @@ from rich.table import Table
 
 from launcher.config import flatten
 from launcher.errors import UserError
-from trainers.core.checkpoint import atomic_write_text  # the same temp+fsync+rename discipline
+from trainers.core.files import atomic_write_text
 
 
 class Sink:

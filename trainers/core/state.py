@@ -14,8 +14,9 @@ from typing import Any
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainers.core.checkpoint import CheckpointError, strip_prefixes
-from trainers.core.parallel import unwrap
+from launcher.config import ConfigError
+from launcher.errors import CheckpointError
+from trainers.core.parallel import strip_prefixes, unwrap
 
 __all__ = ["Stateful", "TrainState", "ModelState", "Registry"]
 
@@ -38,8 +39,17 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the saved position and seed; the global batch stays this run's, and must be the saved one
+        to resume in the middle of an epoch (the rest of the epoch is cut into batches of that size)."""
+        saved_batch = state.get("global_batch_size")
+        if state.get("step_in_epoch") and saved_batch != self.global_batch_size:
+            raise ConfigError(
+                f"The checkpoint stopped mid-epoch with train.batch_size={saved_batch}, but this run has "
+                f"train.batch_size={self.global_batch_size}; an exact resume needs the same global batch. Set it "
+                "back, or start fresh with checkpoint.resume=never in a new run.dir.")
         for key, value in state.items():
-            setattr(self, key, value)
+            if key != "global_batch_size":
+                setattr(self, key, value)
 
 
 class ModelState:
@@ -66,8 +76,10 @@ class ModelState:
 class Registry:
     """Named stateful objects, saved and restored together."""
 
-    def __init__(self) -> None:
+    def __init__(self, objects: dict[str, Any] | None = None) -> None:
         self.objects: dict[str, Stateful] = {}
+        for name, obj in (objects or {}).items():
+            self.register(name, obj)
 
     def register(self, name: str, obj: Stateful) -> None:
         if name in self.objects:

@@ -1,7 +1,8 @@
 """What a task supplies to the shared trainer. Subclass ``Task`` and override what is yours.
 
-A task object is built once per run from the resolved config (``self.cfg``). Only ``build_model``
-and ``build_data`` are required; everything else has a default that fits classification:
+A task object is built once per run from the resolved config (``self.cfg``: every ``auto`` already decided
+for this device). Only ``build_model`` and ``build_data`` are required; everything else has a default that
+fits classification:
 
     class MyTask(Task):
         name = "mytask"
@@ -17,6 +18,8 @@ Overridable, with defaults:
     metrics               exact evaluation metrics (sums reduced once across ranks)
     transform             per-batch transforms on the device (normalisation, augmentation)
     build_optimizer / build_scheduler   from ``optim.*`` / ``sched.*``, or your own
+    after_step            called after every optimizer step (weight averaging such as EMA or Lookahead)
+    describe              extra rows for the start-up table
     state                 extra objects to checkpoint (anything with state_dict/load_state_dict)
 """
 
@@ -72,6 +75,10 @@ class Task(Generic[C]):
     name: str = "task"
     #: The config schema (a subclass of ``launcher.config.Config`` adding the task's keys).
     config: type[Config] = Config
+
+    #: The config as the user gave it, device-dependent ``auto`` values included (for config.yaml); set by
+    #: ``run_task`` or the trainer. ``self.cfg`` holds what this device resolved them to.
+    given: Config | None = None
 
     def __init__(self, cfg: C) -> None:
         self.cfg = cfg

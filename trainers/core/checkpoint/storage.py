@@ -1,8 +1,9 @@
-"""Checkpoint files that never lose work: atomic writes, a verified ``latest`` pointer, safe loading.
+"""The single-file checkpoint storage: one file per step, a verified ``latest`` pointer, a manifest,
+safe loading, pruning.
 
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=3, keep_best=True)
-    ckpt.save(state, step=1200, metric=0.91)        # rank 0 only; the caller does the collectives
-    found = ckpt.load_latest()                      # (state, path), None on a fresh run, or CheckpointError
+    storage = FileStorage(run_dir / "checkpoints", keep_last=3, keep_best=True)
+    storage.save(state, step=1200, metric=0.91)     # rank 0 only; the Checkpointer does the collectives
+    found = storage.load_latest()                   # (state, path), None on a fresh run, or CheckpointError
 
 Layout of the directory::
 
@@ -10,41 +11,32 @@ Layout of the directory::
     latest               name of the newest checkpoint (one line)
     manifest.json        file name, step, metric, size and sha256 of every checkpoint
 
-A crash at any moment leaves either the old file set or the new one, never a half-written file
-under a checkpoint name. Everything here is plain file I/O and knows nothing about ranks.
+A crash at any moment leaves either the old file set or the new one, never a half-written file under a
+checkpoint name. Files are written through ``trainers.core.files``; this storage knows nothing about
+ranks. Another storage (sharded, ``torch.distributed.checkpoint``) implements the same ``Storage``
+protocol.
 """
 
 from __future__ import annotations
 
 import builtins
-import copy
-import errno
 import hashlib
 import json
 import math
-import os
-import random
 import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
 
-from launcher.errors import UserError
+from launcher.errors import CheckpointError
+from trainers.core.files import TMP_MARK, atomic_write, atomic_write_text, fsync_dir
 
-__all__ = [
-    "CheckpointError", "CheckpointManager", "load_checkpoint", "strip_prefixes", "fsync_dir",
-    "atomic_write_text", "rng_state", "set_rng_state",
-]
+__all__ = ["Storage", "CheckpointError", "FileStorage", "CheckpointManager", "load_checkpoint"]
 
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
 _POINTER = "latest"
 _MANIFEST = "manifest.json"
-# Temp files start with "." and carry ".tmp-": never matched by step-*.pt, easy to find after a crash.
-_TMP_MARK = ".tmp-"
 _FIX = ("Point checkpoint.resume at a good checkpoint file, or start fresh with checkpoint.resume=never "
         "in a new run.dir.")
 _HASH_CHUNK = 1 << 22
@@ -57,57 +49,8 @@ _ZIP_TAIL = 22 + 65535  # the zip end record plus its longest possible comment
 # turns silent bit rot into a clear rejection.
 
 
-class CheckpointError(UserError, RuntimeError):
-    """No usable checkpoint where one was expected; message names files and the fix."""
-
-    same_on_every_rank = True  # every rank reads the same files
-
-
 class _Unusable(Exception):
     """A checkpoint file failed verification; ``str()`` is the reason, phrased for a log line."""
-
-
-# ----------------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/create/delete inside directory ``path`` durable (no-op where unsupported)."""
-    if os.name == "nt":  # Windows cannot open a directory; NTFS journals renames itself
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some network/FUSE file systems reject fsync on directories; the data fsync already happened.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    # Same directory as the target: os.replace is only atomic within one file system.
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` via temp file + fsync + os.replace + directory fsync; never leaves it half-written."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed save (disk full, unpicklable state) leaves no debris
-        raise
-    fsync_dir(path.parent)  # the rename itself must survive a power loss
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: readers see the old or the new content, never a mix."""
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def _sha256(path: Path) -> str:
@@ -180,86 +123,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     try:
         # A file inside a run's checkpoint folder is checked against that folder's manifest too.
-        entry = CheckpointManager(path.parent)._read_manifest().get(path.name) if path.is_file() else None
-        return CheckpointManager._load_verified(path, entry, map_location)
+        entry = FileStorage(path.parent)._read_manifest().get(path.name) if path.is_file() else None
+        return FileStorage._load_verified(path, entry, map_location)
     except _Unusable as e:
         raise CheckpointError(f"Cannot load checkpoint {path}: {e}. {_FIX}") from e.__cause__
-
-
-# ----------------------------------------------------------------------------------- state helpers
-
-
-def _strip_key(key: str, prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> str:
-    stripped = True
-    while stripped:  # wrappers nest: DDP(compile(model)) gives "module._orig_mod.", and vice versa
-        stripped = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, stripped = key[len(p):], True
-    return key
-
-
-def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Drop leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) from keys, however nested.
-
-    A checkpoint of a wrapped model then loads into the bare model. Raises ValueError if two keys
-    become the same (the dict mixed wrapped and bare names).
-    """
-    out: OrderedDict[str, Any] = OrderedDict()
-    for key, value in state_dict.items():
-        new = _strip_key(key) if isinstance(key, str) else key
-        if new in out:
-            raise ValueError(f"strip_prefixes: keys collide on {new!r} (from {key!r}); the state dict mixes "
-                             "wrapped and unwrapped parameter names")
-        out[new] = value
-    # load_state_dict reads per-module versions from _metadata (e.g. BatchNorm); keep it under the new
-    # names. Its keys are module paths, so the wrapper itself ("module") maps to the root ("").
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        out._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (_strip_key(k + ".")[:-1] if k else k, v) for k, v in meta.items())
-    return out
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """Every random stream of this process, in a form that loads under ``weights_only=True``.
-
-    The CUDA stream is this rank's own device's (``device``) only: asking for every GPU would make
-    each rank create a context on all of them."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    keys = np.asarray(keys)
-    return {
-        "python": random.getstate(),  # (version, tuple of ints, None): plain data, loads fine
-        # numpy's state holds a uint32 ndarray, which weights_only refuses; int64 holds it losslessly.
-        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore what ``rng_state()`` captured; the random streams continue exactly where they were."""
-    random.setstate(_as_tuples(state["python"]))
-    n = state["numpy"]
-    keys = n["keys"].cpu().numpy().astype(np.uint32)
-    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())  # map_location may have moved it; generators want CPU bytes
-    cuda = state.get("cuda")
-    if isinstance(cuda, torch.Tensor) and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda.cpu(), device)
-
-
-def _as_tuples(value: Any) -> Any:
-    # random.setstate needs tuples; a state that went through JSON or a list-based copy has lists.
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ----------------------------------------------------------------------------------- the manager
 
 
-class CheckpointManager:
-    """Atomic, verified, pruned checkpoints in one directory (created lazily on the first save)."""
+class Storage(Protocol):
+    """Where checkpoints go and how they come back; the Checkpointer decides when and what."""
+
+    #: True when every rank writes its own part (sharded state); False when rank 0 writes the whole state.
+    writes_on_every_rank: bool
+
+    def save(self, state: dict[str, Any], step: int, metric: float | None = None) -> Path: ...
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None: ...
+    def path_of(self, step: int) -> Path: ...
+    def list(self) -> builtins.list[Path]: ...
+    def best_entry(self) -> dict[str, Any] | None: ...
+
+
+class FileStorage:
+    """Atomic, verified, pruned checkpoints in one directory (created lazily on the first save): one
+    ``torch.save`` file per step, written by rank 0."""
+
+    writes_on_every_rank = False
 
     def __init__(self, directory: str | Path, keep_last: int = 3, keep_best: bool = True,
                  log: Callable[[str], None] = print) -> None:
@@ -271,6 +161,10 @@ class CheckpointManager:
         self.log = log
 
     # ------------------------------------------------------------------ queries
+
+    def path_of(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is (or would be) written."""
+        return self.directory / f"step-{step:08d}.pt"
 
     def list(self) -> list[Path]:
         """Existing ``step-*.pt`` files, sorted by step ascending."""
@@ -309,13 +203,13 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self._ensure_directory()
         self._remove_stale_temps()
-        path = self.directory / f"step-{step:08d}.pt"
+        path = self.path_of(step)
         entries = self._read_manifest()
         if entries.pop(path.name, None) is not None:
             # Re-saving a step: forget the old hash first, or a crash between the rename and the manifest
             # update would make the new (good) file look corrupt.
             self._write_manifest(entries)
-        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f))
         atomic_write_text(self.directory / _POINTER, path.name + "\n")
         entries[path.name] = {"file": path.name, "step": step, "metric": _clean_metric(metric),
                               "size": path.stat().st_size, "sha256": _sha256(path)}
@@ -337,7 +231,7 @@ class CheckpointManager:
     def _remove_stale_temps(self) -> None:
         # Single writer (rank 0), so any temp file now is debris from a save that was killed.
         for p in self.directory.iterdir():
-            if p.name.startswith(".") and _TMP_MARK in p.name and p.is_file():
+            if p.name.startswith(".") and TMP_MARK in p.name and p.is_file():
                 p.unlink(missing_ok=True)
                 self.log(f"checkpoint: removed {p}, left behind by an interrupted save")
 
@@ -457,55 +351,5 @@ def _clean_metric(metric: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# ----------------------------------------------------------------------------- background writes
-
-
-def snapshot(value: Any) -> Any:
-    """A copy of ``value`` whose tensors live in host memory and no longer share storage with the live
-    state, so that training may go on changing parameters and optimizer buffers while it is written."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
-    return copy.deepcopy(value)
-
-
-class BackgroundSaver:
-    """Writes checkpoints through a ``CheckpointManager`` in one background thread, one at a time.
-
-    ``save`` returns once the state is copied to host memory; the file, ``latest`` and the manifest are
-    written by the thread with the manager's usual atomic discipline. A second ``save`` (and ``wait``)
-    first waits for the one in flight, and re-raises its error, so checkpoints land in order and a failed
-    write is never silent.
-    """
-
-    def __init__(self, manager: CheckpointManager) -> None:
-        self.manager = manager
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.written: Path | None = None
-
-    def save(self, state: dict[str, Any], step: int, metric: float | None = None) -> Path:
-        self.wait()
-        copied = snapshot(state)
-        self._thread = threading.Thread(target=self._write, args=(copied, step, metric), name="checkpoint-writer",
-                                        daemon=False)  # not a daemon: the interpreter finishes the write on exit
-        self._thread.start()
-        return self.manager.directory / f"step-{step:08d}.pt"
-
-    def _write(self, state: dict[str, Any], step: int, metric: float | None) -> None:
-        try:
-            self.written = self.manager.save(state, step, metric)
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
-            self._error = e
-
-    def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+#: The name tests and earlier code use for the single-file storage.
+CheckpointManager = FileStorage

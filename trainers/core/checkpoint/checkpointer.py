@@ -1,0 +1,169 @@
+"""The one owner of checkpointing: when a save is due, what a checkpoint holds, where it goes (a storage),
+how a run resumes from it, and the final ``model.pt``.
+
+    checkpointer = Checkpointer(cfg.checkpoint, rt, run_dir, registry, rank_state, config, log)
+    resumed = checkpointer.resume()                       # Path of the checkpoint, or None for a new run
+    checkpointer.maybe_save(step, epochs_done=..., metric=...)   # every rank, at step and epoch boundaries
+    checkpointer.save(step, final=True, metric=...)
+    checkpointer.export_model(model)
+
+What a checkpoint holds: the registry's objects (model, optimizer, schedule, scaler, training position,
+the task's own state), every rank's own state (random streams, unlogged loss window), the resolved config
+and a format version. Every method runs on every rank in the same order; only the storage's writer
+ranks touch files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from launcher.config import ConfigError, to_dict
+from launcher.errors import CheckpointError
+from launcher.runtime import Runtime
+from trainers.core.checkpoint.background import BackgroundSaver
+from trainers.core.checkpoint.storage import FileStorage, Storage, load_checkpoint
+from trainers.core.config import CheckpointConfig
+from trainers.core.files import atomic_write
+from trainers.core.parallel import strip_prefixes
+from trainers.core.state import Registry
+
+__all__ = ["Checkpointer", "FORMAT", "migrate"]
+
+#: Version of what a checkpoint holds. 0: before the registry (seed and batch size at the top level);
+#: 1: the registry, per-rank ``window``/``window_steps``; 2: per-rank state as a registry of its own.
+FORMAT = 2
+
+
+def _from_0(state: dict[str, Any]) -> dict[str, Any]:
+    train = {**state["train_state"], "seed": state.pop("sampler_seed"), "global_batch_size": state.pop("global_batch_size")}
+    return {**state, "train_state": train}
+
+
+def _from_1(state: dict[str, Any]) -> dict[str, Any]:
+    ranks = [{"rng": r["rng"], "losses": {"sum": r["window"], "steps": r["window_steps"]}} for r in state["ranks"]]
+    return {**state, "ranks": ranks}
+
+
+#: format -> the migration to the next format.
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_0, 1: _from_1}
+
+
+def format_of(state: dict[str, Any]) -> int:
+    if "format" in state:
+        return int(state["format"])
+    return 0 if "sampler_seed" in state else 1
+
+
+def migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of any earlier format in today's form (one migration per format, applied in order)."""
+    version = format_of(state)
+    if version > FORMAT:
+        raise CheckpointError(f"The checkpoint has format {version}, newer than this toolkit's {FORMAT}: it was written "
+                          "by a newer version. Update the toolkit, or start fresh with checkpoint.resume=never.")
+    while version < FORMAT:
+        state = _MIGRATIONS[version](state)
+        version += 1
+    return {**state, "format": FORMAT}
+
+
+class Checkpointer:
+    """Saves, resumes and exports for one rank of a run (see the module docstring)."""
+
+    def __init__(self, cfg: CheckpointConfig, rt: Runtime, run_dir: Path, registry: Registry, rank_state: Registry,
+                 config: Any, log: Callable[[str], None], prepare: Callable[[], None] = lambda: None,
+                 storage: Storage | None = None) -> None:
+        self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
+        self.registry, self.rank_state = registry, rank_state
+        self.config_record = to_dict(config)  # built once: OmegaConf takes ~10 ms per call
+        self.log = log
+        self.prepare = prepare  # every rank, before a save: e.g. make rank 0's buffers everyone's
+        self.storage = storage or FileStorage(run_dir / "checkpoints", cfg.keep_last, cfg.keep_best, log=log)
+        self.writer = BackgroundSaver(self.storage) if cfg.async_ else None
+        self.saved_at = time.monotonic()
+
+    # ----------------------------------------------------------------------------------- when
+    def due(self, step: int, epochs_done: int | None = None) -> bool:
+        """Whether a periodic checkpoint is due: at an epoch's end (``epochs_done`` epochs finished) by
+        ``checkpoint.every_epochs``, and at any step by ``checkpoint.every_steps``."""
+        every_epochs, every_steps = self.cfg.every_epochs, self.cfg.every_steps
+        by_epoch = epochs_done is not None and every_epochs > 0 and epochs_done % every_epochs == 0
+        return by_epoch or (every_steps > 0 and step % every_steps == 0)
+
+    def maybe_save(self, step: int, *, epochs_done: int | None = None, metric: float | None = None) -> None:
+        if self.due(step, epochs_done):
+            self.save(step, metric)
+
+    # ----------------------------------------------------------------------------------- save
+    def save(self, step: int, metric: float | None = None, *, final: bool = False, wait: bool = False) -> None:
+        """Checkpoint the current state (every rank calls it; the storage's writers write).
+
+        With checkpoint.async, a periodic checkpoint is written in the background; the final one and the
+        stop checkpoint (``wait``) are on disk before this returns."""
+        self.prepare()
+        ranks = self.rt.gather_objects(self.rank_state.state_dict(), "checkpoint")
+        if self.rt.is_main or self.storage.writes_on_every_rank:
+            state = {**self.registry.state_dict(), "ranks": ranks, "world_size": self.rt.world_size,
+                     "config": self.config_record, "format": FORMAT}
+            background = self.writer is not None and not (final or wait)
+            if self.writer is not None and not background:
+                self.writer.wait()
+            path = (self.writer.save if background and self.writer else self.storage.save)(state, step, metric)
+            note = " (final)" if final else " (writing in the background)" if background else ""
+            self.log(f"checkpoint {path.name}{note}")
+        self.saved_at = time.monotonic()
+        self.rt.barrier("checkpoint")
+
+    def export_model(self, model: nn.Module) -> Path:
+        """The final weights alone, as ``model.pt`` (plain keys, written atomically), for inference and
+        fine-tuning."""
+        path = self.run_dir / "model.pt"
+        if self.rt.is_main:
+            weights = strip_prefixes(model.state_dict())
+            atomic_write(path, lambda f: torch.save(weights, f))
+        return path
+
+    def best_entry(self) -> dict[str, Any] | None:
+        """The manifest entry (file, step, metric) of the best checkpoint, when ``checkpoint.keep_best``."""
+        return self.storage.best_entry() if self.cfg.keep_best else None
+
+    def close(self) -> None:
+        """A checkpoint still being written when the run ends (an error, an interrupt) is completed."""
+        if self.writer is not None:
+            try:
+                self.writer.wait()
+            except Exception as e:  # noqa: BLE001 - the run is already ending; its own error matters more
+                self.log(f"checkpoint: the background write failed: {e}")
+
+    # ----------------------------------------------------------------------------------- resume
+    def resume(self) -> Path | None:
+        """Continue from a checkpoint as checkpoint.resume says (auto, never, or a path); returns its path,
+        or None for a new run."""
+        choice = self.cfg.resume
+        if choice == "never" and self.storage.list():
+            raise ConfigError(
+                f"checkpoint.resume=never but {self.run_dir / 'checkpoints'} already holds checkpoints, which a fresh "
+                "run would overwrite and prune. Choose a new run.dir, or resume with checkpoint.resume=auto.")
+        found = None
+        if choice == "auto":
+            found = self.storage.load_latest(map_location="cpu")
+        elif choice != "never":
+            found = load_checkpoint(choice, map_location="cpu"), Path(choice)
+        if found is None:
+            return None
+        state = migrate(found[0])
+        self.registry.load_state_dict(state)
+        self._restore_ranks(state["ranks"])
+        return found[1]
+
+    def _restore_ranks(self, ranks: list[dict[str, Any]]) -> None:
+        if len(ranks) == self.rt.world_size:
+            self.rank_state.load_state_dict(ranks[self.rt.rank])
+            return
+        # Saved at another world size: each per-rank object makes what it can of all ranks' states.
+        for name, obj in self.rank_state.objects.items():
+            obj.load_other_world([r[name] for r in ranks])  # type: ignore[attr-defined]
