@@ -6,8 +6,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.dist_utils import run_ranks
+from tests.dist_utils import run_ranks, start_ranks, wait_all
+from tests.tasks import DEBUG_CONFIG
 from trainers.core.parallel import GlooSyncBatchNorm, convert_sync_batchnorm
+from trainers.models import tiny_cnn
 
 B, C, SEED = 6, 5, 7
 
@@ -112,3 +114,34 @@ def test_syncbn_under_bf16_autocast_matches_fp32_batchnorm() -> None:
     ranks = run_ranks(_rank_bf16, 2, timeout=120)
     ref = _reference(2, 1)["y"]
     torch.testing.assert_close(torch.cat(ranks), ref, rtol=0.05, atol=0.05)
+
+
+def test_conversion_keeps_the_parameter_objects_and_what_is_frozen() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    weight, bias = model[1].weight, model[1].bias
+    weight.requires_grad_(False)
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert converted[1].weight is weight and converted[1].bias is bias, "an optimizer built before keeps working"
+    assert not converted[1].weight.requires_grad and converted[1].bias.requires_grad
+
+
+def test_frozen_layers_stay_frozen_under_cpu_syncbn_on_two_ranks(tmp_path) -> None:
+    """model.freeze with model.sync_bn=true on 2 gloo ranks: the frozen tensors end bit-equal to the weights they
+    started from (init_from), and the optimizer never holds them."""
+    start = tmp_path / "start.pt"
+    torch.manual_seed(0)
+
+    model = tiny_cnn(10, 8)
+    torch.save(model.state_dict(), start)
+    frozen = ["5.weight", "5.bias", "9.weight", "9.bias"]  # the BatchNorms of the 2nd and 3rd blocks
+    run_dir = tmp_path / "run"
+    args = ["trainers.cifar", "--config", str(DEBUG_CONFIG), "model.width=8", "train.epochs=1", "model.sync_bn=true",
+            f"model.init_from={start}", "model.freeze=5,9", f"run.dir={run_dir}", "run.progress=quiet"]
+    assert wait_all(start_ranks(args, 2, log_dir=tmp_path), 240, tmp_path) == [0, 0], (tmp_path / "rank0.log").read_text()
+    before = torch.load(start, weights_only=True)
+    after = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in frozen), "frozen tensors moved"
+    assert not torch.equal(before["4.weight"], after["4.weight"]), "the rest trains"
+    state = torch.load(sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    in_optimizer = sum(len(group["params"]) for group in state["optimizer"]["param_groups"])
+    assert in_optimizer == len(list(model.parameters())) - len(frozen), "frozen tensors are not in the optimizer"

@@ -73,7 +73,13 @@ def _swap_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
         new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats)
-        new.load_state_dict(module.state_dict())
+        # The original Parameter and buffer objects, as torch's own conversion keeps them: their requires_grad
+        # (model.freeze, a recipe's frozen scales) and any optimizer or hook that already holds them stay valid.
+        with torch.no_grad():
+            if module.affine:
+                new.weight, new.bias = module.weight, module.bias
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(new, name, getattr(module, name))
         new.train(module.training)
         return new
     for name, child in module.named_children():
