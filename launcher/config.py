@@ -40,17 +40,18 @@ class ConfigError(UserError, ValueError):
 
 
 def setting(default: Any, doc: str, *, choices: Sequence[Any] | None = None, gt: float | None = None,
-            ge: float | None = None, check: Callable[[Any], str | None] | None = None,
-            changes_run: bool = True) -> Any:
+            ge: float | None = None, le: float | None = None, lt: float | None = None,
+            check: Callable[[Any], str | None] | None = None, changes_run: bool = True) -> Any:
     """A config leaf: default, one line of documentation, and its validation beside it.
 
-    ``choices``: allowed values; ``gt`` / ``ge``: lower bounds (NaN is always rejected);
+    ``choices``: allowed values; ``gt`` / ``ge``: lower bounds, ``le`` / ``lt``: upper bounds (NaN is always
+    rejected);
     ``check``: a function returning an error message for a bad value, or None;
     ``changes_run=False``: the key does not change what is trained (workers, logging, where files
     go), so it is left out of the run's fingerprint and changing it resumes the same run.
     """
-    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "gt": gt, "ge": ge, "check": check,
-            "changes_run": changes_run}
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "gt": gt, "ge": ge, "le": le, "lt": lt,
+            "check": check, "changes_run": changes_run}
     return field(default=default, metadata=meta)
 
 
@@ -71,7 +72,7 @@ class DistConfig:
     device: str = setting("auto", "`auto` (cuda:LOCAL_RANK when CUDA is available, else cpu), `cuda` or `cpu`",
                           choices=("auto", "cuda", "cpu"), changes_run=False)
     timeout_s: float = setting(600.0, "collective timeout: a rank that stops answering fails the job after this, "
-                               "naming the phase", ge=0, changes_run=False)
+                               "naming the phase", gt=0, changes_run=False)
 
 
 def _sbatch_options(options: tuple[str, ...]) -> str | None:
@@ -285,6 +286,10 @@ def _leaf_problem(leaf: Leaf, value: Any) -> str | None:
         return f"must be greater than {meta['gt']:g}, got {value}"
     if meta.get("ge") is not None and not value >= meta["ge"]:
         return f"must not be below {meta['ge']:g}, got {value}"
+    if meta.get("le") is not None and not value <= meta["le"]:
+        return f"must not be above {meta['le']:g}, got {value}"
+    if meta.get("lt") is not None and not value < meta["lt"]:
+        return f"must be below {meta['lt']:g}, got {value}"
     return meta["check"](value) if meta.get("check") else None
 
 

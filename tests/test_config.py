@@ -190,7 +190,8 @@ def test_choice_and_range_validation(override, key):
     [
         ("data.loader=device", "data", "loader", "device"),
         ("train.grad_accum=1", "train", "grad_accum", 1),
-        ("dist.timeout_s=0", "dist", "timeout_s", 0.0),
+        ("train.label_smoothing=1", "train", "label_smoothing", 1.0),  # the upper bound is allowed
+        ("optim.betas=[0,0.999]", "optim", "betas", (0.0, 0.999)),
         ("optim.lr=0", "optim", "lr", 0.0),
     ],
 )
@@ -341,3 +342,37 @@ def test_readme_key_tables_are_generated_from_the_schemas(spec: str) -> None:
     assert documented == out.getvalue().strip(), (
         f"README's key table for {spec} is stale; regenerate it with python -m launcher.keytable "
         f"{'' if spec == 'common' else spec}")
+
+
+# --------------------------------------------------------------------------- the run fingerprint
+
+#: Keys that do not change the trained weights: changing them resumes the same run (README, "Resume").
+OUTSIDE_THE_FINGERPRINT = {
+    "data.loader", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
+    "data.download", "data.synthetic_test_size", "eval.batch_size", "eval.every_epochs", "eval.tta",
+    "train.nonfinite", "train.nonfinite_skips",
+    "dist.backend", "dist.device", "dist.timeout_s", "checkpoint.every_epochs", "checkpoint.every_steps",
+    "checkpoint.every_minutes", "checkpoint.keep_last", "checkpoint.keep_best", "checkpoint.best_metric",
+    "checkpoint.resume", "checkpoint.async", "run.dir", "run.name", "run.log_every", "run.progress",
+    "run.tensorboard"}
+
+
+def test_the_fingerprint_holds_exactly_the_keys_that_change_the_trained_weights() -> None:
+    outside = {leaf.key for leaf in base.leaves(Config) if not leaf.meta["changes_run"]}
+    assert {k for k in outside if not k.startswith("slurm.")} == OUTSIDE_THE_FINGERPRINT
+    cfg = load_config()
+    for key, value in [("eval.every_epochs", 5), ("eval.tta", "mirror"), ("data.download", False),
+                       ("data.synthetic_test_size", 7), ("checkpoint.every_minutes", 3.0), ("train.nonfinite", "skip")]:
+        section, name = key.split(".")
+        assert base.fingerprint(replace(cfg, **{section: {name: value}})) == base.fingerprint(cfg), key
+    for key, value in [("optim.lr", 0.5), ("train.epochs", 3), ("data.synthetic_train_size", 7), ("run.seed", 3),
+                       ("model.width", 16), ("train.augment", False)]:
+        section, name = key.split(".")
+        assert base.fingerprint(replace(cfg, **{section: {name: value}})) != base.fingerprint(cfg), key
+
+
+def test_the_image_folder_task_keeps_its_evaluation_resize_out_of_the_fingerprint() -> None:
+    from trainers.imagefolder_config import FolderConfig
+
+    outside = {leaf.key for leaf in base.leaves(FolderConfig) if not leaf.meta["changes_run"]}
+    assert "data.resize" in outside and not {"data.image_size", "data.mean", "data.std", "data.hflip"} & outside

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,17 @@ def test_unknown_model_name_suggests_the_closest(digits: Path) -> None:
     result = _imagefolder(f"data.root={digits}", "model.name=resnet19")
     assert result.returncode == 2
     assert "model.name" in result.stderr and "resnet18" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, phrase", [("data.std=[0.2,0,0.2]", "above 0"), ("data.mean=[0.5,2,0.5]", "[0, 1]")],
+                         ids=["zero-std", "mean-above-1"])
+def test_normalisation_values_are_checked_where_declared(tmp_path: Path, override: str, phrase: str) -> None:
+    from launcher.config import ConfigError, load_config
+    from trainers.imagefolder_config import FolderConfig
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}'.*{re.escape(phrase)}"):
+        load_config(None, [f"data.root={tmp_path}", override], schema=FolderConfig)
 
 
 def test_missing_or_inconsistent_folders_are_clear_errors(digits: Path, tmp_path: Path) -> None:

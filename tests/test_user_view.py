@@ -4,8 +4,10 @@ TensorBoard and the report. Real processes, CPU."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,8 +44,11 @@ def _fails_cleanly(result, *phrases: str) -> None:
     (["model.name=tiny", "model.width=0"], ["'model.width'"]),
     (["model.name=resnet18", "model.width=32"], ["model.width=32 applies to model.name=tiny only"]),
     (["dist.backend=nccl"], ["nccl needs CUDA"]),
+    (["train.label_smoothing=1.5"], ["'train.label_smoothing' must not be above 1"]),
+    (["optim.betas=[0.9,1.0]"], ["'optim.betas'", "[0, 1)"]),
+    (["dist.timeout_s=0"], ["'dist.timeout_s' must be greater than 0"]),
 ], ids=["unknown-key", "wrong-type", "zero-batch", "negative-epochs", "negative-lr", "renamed", "zero-width",
-        "width-combination", "nccl-on-cpu"])
+        "width-combination", "nccl-on-cpu", "label-smoothing-above-1", "beta-of-1", "zero-timeout"])
 def test_bad_settings_end_in_one_message_and_exit_2(tmp_path: Path, overrides: list[str], phrases: list[str]) -> None:
     result = run_command([*CIFAR, *QUICK, f"run.dir={tmp_path / 'run'}", *overrides], timeout=120)
     _fails_cleanly(result, *phrases)
@@ -294,6 +299,33 @@ def test_workers_do_not_outlive_a_killed_torchrun(tmp_path: Path) -> None:
             agent.kill()
     steps = metrics.read_text().count('"train"')
     assert steps < 50 * 16, "the workers stopped instead of training on"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a PID namespace")
+def test_torchrun_as_pid_1_of_a_container_trains(tmp_path: Path) -> None:
+    """As in a container without an init process (`ENTRYPOINT ["torchrun", ...]`): torchrun is PID 1 of its PID
+    namespace, so its workers' parent is PID 1, which must not read as "the agent is gone"."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"PID namespaces unavailable here: {probe.stderr.strip()}")
+    run_dir = tmp_path / "run"
+    result = run_command(["unshare", "--pid", "--fork", "--mount-proc", str(BIN / "torchrun"), "--standalone",
+                          "--nproc_per_node=2", "-m", "trainers.cifar", *QUICK, f"run.dir={run_dir}"], timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (run_dir / "model.pt").exists()
+
+
+@pytest.mark.parametrize("parent_changed", [False, True])
+def test_a_worker_follows_only_the_agent_that_started_it(parent_changed: bool) -> None:
+    """stop_with_parent stops the process at once when its parent is no longer the agent it started under (the
+    agent died before the request), and otherwise lets it run; no PID is special."""
+    code = ("import os, sys; from launcher.runtime import stop_with_parent; "
+            f"stop_with_parent(os.getppid() {'+ 1' if parent_changed else ''}); print('still running')")
+    result = run_command([PYTHON, "-c", code], timeout=60)
+    if parent_changed:
+        assert result.returncode == -signal.SIGTERM and "still running" not in result.stdout
+    else:
+        assert result.returncode == 0 and "still running" in result.stdout
 
 
 def _state(pid: int) -> str:

@@ -14,9 +14,9 @@ class CifarData(DataConfig):
     synthetic: bool = setting(False, "use a generated, learnable CIFAR-shaped dataset instead of the real one")
     synthetic_fallback: bool = setting(False, "if the real dataset cannot be read or downloaded, use synthetic "
                                        "data (with a warning)")
-    download: bool = setting(True, "download the real dataset (torchvision) when it is missing")
+    download: bool = setting(True, "download the real dataset (torchvision) when it is missing", changes_run=False)
     synthetic_train_size: int = setting(50_000, "synthetic training samples", gt=0)
-    synthetic_test_size: int = setting(10_000, "synthetic test samples", gt=0)
+    synthetic_test_size: int = setting(10_000, "synthetic test samples", gt=0, changes_run=False)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class CifarTrain(TrainConfig):
 @dataclass(frozen=True)
 class CifarEval(EvalConfig):
     tta: str = setting("none", "test-time augmentation: `none`, `mirror` (average with the flipped image) or "
-                       "`mirror_translate` (also 1-pixel shifts)", choices=("none", "mirror", "mirror_translate"))
+                       "`mirror_translate` (also 1-pixel shifts)", choices=("none", "mirror", "mirror_translate"),
+                       changes_run=False)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,15 @@ def _known_model(name: str) -> str | None:
             "torchvision.models.list_models() lists the names (resnet18, resnet50, mobilenet_v3_small, vit_b_16, ...)")
 
 
+def _unit_means(value: tuple[float, ...]) -> str | None:
+    return None if all(0 <= v <= 1 for v in value) else f"is {list(value)}; give per-channel means in [0, 1]"
+
+
+def _positive_stds(value: tuple[float, ...]) -> str | None:
+    return None if all(0 < v for v in value) else (f"is {list(value)}; give per-channel standard deviations above 0 "
+                                                   "(a 0 divides by zero), e.g. [0.229,0.224,0.225]")
+
+
 def _required(value: str) -> str | None:
     return None if value else "is required: the folder that holds train/ and val/ (one sub-folder per class)"
 
@@ -40,11 +49,13 @@ class FolderData(DataConfig):
                         check=_required)
     image_size: int = setting(224, "side of the training crop and of the evaluation centre crop, in pixels", gt=0)
     resize: float = setting(1.143, "evaluation: resize the short side to `image_size` x this, then centre-crop",
-                            ge=1)
+                            ge=1, changes_run=False)
     crop_scale_min: float = setting(0.08, "smallest area fraction of the random resized crop (training)", gt=0)
     hflip: bool = setting(True, "random horizontal flip (training)")
-    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, "per-channel mean for normalisation, in [0, 1]")
-    std: tuple[float, float, float] = setting(IMAGENET_STD, "per-channel std for normalisation, in [0, 1]")
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, "per-channel mean for normalisation, in [0, 1]",
+                                               check=_unit_means)
+    std: tuple[float, float, float] = setting(IMAGENET_STD, "per-channel std for normalisation, in (0, 1]",
+                                              check=_positive_stds)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,11 @@ def _bool_or_auto(value: bool | str) -> str | None:
     return None if isinstance(value, bool) or value == "auto" else f"is '{value}'; give true, false or auto"
 
 
+def _betas(value: tuple[float, float]) -> str | None:
+    bad = [b for b in value if not 0 <= b < 1]  # written so that NaN is bad too
+    return f"is {list(value)}; each beta must be in [0, 1), e.g. [0.9,0.999]" if bad else None
+
+
 def _existing_file_or_empty(value: str) -> str | None:
     return None if not value or Path(value).is_file() else "is not an existing file; give the path of a model.pt, " \
         "a checkpoint or a state_dict file (or leave it empty)"
@@ -93,7 +98,13 @@ class TrainConfig:
     grad_accum: int = setting(1, "micro-steps per optimizer step; DDP syncs gradients only on the last", gt=0)
     grad_clip: float = setting(0.0, "max global gradient norm (unscaled first under fp16); 0 disables", ge=0)
     max_steps: int = setting(0, "stop after this many optimizer steps (0: all epochs)", ge=0)
-    label_smoothing: float = setting(0.0, "label smoothing of the default cross-entropy loss", ge=0)
+    label_smoothing: float = setting(0.0, "label smoothing of the default cross-entropy loss", ge=0, le=1)
+    nonfinite: str = setting("stop", "a NaN or infinite loss: `stop` (every rank stops at the same step, exit 4, "
+                             "nothing saved from the bad state) or `skip` (drop steps whose gradients are not "
+                             "finite, as GradScaler does; one host sync per step)", choices=("stop", "skip"),
+                             changes_run=False)
+    nonfinite_skips: int = setting(10, "`train.nonfinite=skip`: steps dropped in a row after which the run stops "
+                                   "as with `stop`", gt=0, changes_run=False)
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ class OptimConfig:
     lr: float = setting(0.1, "peak learning rate", ge=0)
     momentum: float = setting(0.9, "SGD momentum", ge=0)
     nesterov: bool = setting(True, "Nesterov momentum (SGD)")
-    betas: tuple[float, float] = setting((0.9, 0.999), "Adam/AdamW betas, e.g. `[0.9,0.95]`")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam/AdamW betas, e.g. `[0.9,0.95]`", check=_betas)
     eps: float = setting(1e-8, "Adam/AdamW epsilon", gt=0)
     weight_decay: float = setting(5e-4, "weight decay; never applied to norm-layer weights and biases", ge=0)
 
@@ -123,13 +134,15 @@ class SchedConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = setting(1024, "global evaluation batch", gt=0, changes_run=False)
-    every_epochs: int = setting(1, "evaluate every N epochs (and always after the last)", gt=0)
+    every_epochs: int = setting(1, "evaluate every N epochs (and always after the last)", gt=0, changes_run=False)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_epochs: int = setting(1, "save at the end of every N epochs (0: never)", ge=0, changes_run=False)
     every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0, changes_run=False)
+    every_minutes: float = setting(0.0, "also save once this many minutes have passed since the last checkpoint (0: "
+                                   "never); all ranks agree on the step", ge=0, changes_run=False)
     keep_last: int = setting(3, "newest checkpoints kept on disk", gt=0, changes_run=False)
     keep_best: bool = setting(True, "also keep the checkpoint with the best `best_metric`", changes_run=False)
     best_metric: str = setting("", "evaluation metric that ranks checkpoints, e.g. `test_acc` (empty: the task's "

@@ -30,6 +30,7 @@ from trainers.core.auto import DeviceTraits, resolve_auto
 from trainers.core.cli import parse_args
 from trainers.core.config import Config
 from trainers.core.data import micro_batch_size
+from trainers.core.nonfinite import DIVERGED_EXIT_CODE, Diverged
 from trainers.core.rundir import RunDirError, claim
 from trainers.core.task import Task
 from trainers.core.trainer import Trainer
@@ -90,7 +91,7 @@ def _report(error: BaseException, cfg: Config | None) -> None:
     """One message per error: rank 0 reports what every rank meets; other ranks say who they are."""
     rank = probable_rank()
     debug = tracebacks_requested() or (cfg is not None and cfg.run.debug)
-    same = isinstance(error, UserError) and error.same_on_every_rank
+    same = getattr(error, "same_on_every_rank", False)
     if rank != 0 and same and not debug:
         return
     prefix = f"rank {rank}: " if rank else ""
@@ -127,7 +128,8 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
     """Parse, check, launch and train ``task``; returns the process exit code.
 
     0 finished; 2 a user error (the message says what to change); 3 another rank failed or timed out;
-    75 stopped by a signal after writing a checkpoint (re-run to resume); 130 interrupted at once.
+    4 the loss or weights became NaN or infinite (nothing saved from them); 75 stopped by a signal after writing
+    a checkpoint (re-run to resume); 130 interrupted at once.
     ``trainer`` replaces the built-in ``Trainer`` (any factory of (task, rt, run_dir) with ``fit()``).
     """
     stop_during_startup()  # until the training loop installs its stop flag
@@ -158,3 +160,7 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
         _report(e, cfg)
         _record_for_torchrun(e)
         return COLLECTIVE_EXIT_CODE
+    except Diverged as e:
+        _report(e, cfg)
+        _record_for_torchrun(e)
+        return DIVERGED_EXIT_CODE

@@ -12,6 +12,7 @@ reached by all ranks in the same order; only file writes and printing are rank-0
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from trainers.core.auto import DeviceTraits, describe_choices, settle
 from trainers.core.checkpoint import Checkpointer
 from trainers.core.data import build_loaders, check_splits, chunk, micro_batch_size
 from trainers.core.evaluation import EVAL_EPOCH, describe, evaluate
-from trainers.core.meter import LossWindow, Throughput
+from trainers.core.meter import TrainingLog
 from trainers.core.metrics import ranking_metric
+from trainers.core.nonfinite import NonFinite, finite_tensors
 from trainers.core.parallel import broadcast_buffers, maybe_no_sync, spread, to_memory_format, unwrap
 from trainers.core.pretrained import freeze, init_from
 from trainers.core.rng import RankRng, seed_everything
@@ -63,16 +65,17 @@ class Trainer:
         self.amp = Amp(cfg.train.precision, rt.device)
         self.metrics = task.metrics()
         self.best_name, self.best_sign = ranking_metric(self.metrics, cfg.checkpoint.best_metric, cfg.checkpoint.keep_best)
-        self.losses = LossWindow(rt.device)  # this rank's loss since the last log line
-        self.since_log, self.trained = Throughput(cfg.train.batch_size), Throughput(cfg.train.batch_size)
+        self.log = TrainingLog(rt, self.sink, cfg.train.batch_size)
         self.agreement = StopAgreement(rt, stop)
+        self.nonfinite = NonFinite(cfg.train.nonfinite, cfg.train.nonfinite_skips, self.sink.print,
+                                   lambda: self.checkpointer.last_good())
         # What every checkpoint holds: the built-in state and the task's own, and each rank's own state.
         registry = Registry({"model": ModelState(self.model), "optimizer": self.optimizer, "scheduler": self.scheduler,
                              "scaler": self.amp, "train_state": self.state,
                              **{f"task.{name}": obj for name, obj in task.state().items()}})
-        rank_state = Registry({"rng": RankRng(rt.device, rt.rank, lambda: self.state.seed), "losses": self.losses})
+        rank_state = Registry({"rng": RankRng(rt.device, rt.rank, lambda: self.state.seed), "losses": self.log.losses})
         self.checkpointer = Checkpointer(cfg.checkpoint, rt, run_dir, registry, rank_state, cfg, self.sink.print,
-                                         prepare=self._sync_buffers)
+                                         prepare=self._sync_buffers, check=self._unfinite)
 
     # ----------------------------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
@@ -135,6 +138,8 @@ class Trainer:
     def _end_of_epoch(self) -> dict[str, Any]:
         """Evaluate and checkpoint as configured once an epoch (or the step budget) is used up."""
         epoch = self.state.epoch
+        self.nonfinite.check(self.rt.max_all([float(not self.log.losses.finite())], "epoch end")[0] == 0,
+                             self.state.global_step)
         if self.state.step_in_epoch == self.steps_per_epoch:  # not when max_steps stopped mid-epoch
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
         result: dict[str, Any] = {}
@@ -152,54 +157,47 @@ class Trainer:
         self.sampler.seed = self.state.seed
         self.sampler.set_epoch(epoch, self.state.step_in_epoch)
         self.model.train()
-        tick = start = fetched = time.perf_counter()
-        timed = done = 0
-        waiting = 0.0  # seconds blocked on the loader: the part of the epoch that data loading costs
-        for batch, index in self.train_loader.epoch(self.state.seed, epoch):
-            waiting += time.perf_counter() - fetched
+        for batch, index in self.log.timed(self.train_loader.epoch(self.state.seed, epoch)):
             if self.state.step_in_epoch >= self.steps_per_epoch:  # run.debug: a handful of batches
                 break
             with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
-                self.losses.add(self.train_step(batch, index, epoch))
-            timed, done = timed + 1, done + 1
+                self.log.stepped(self.train_step(batch, index, epoch))
             self.state.step_in_epoch += 1
             self.state.global_step += 1
-            self.task.after_step(unwrap(self.model), self.state.global_step, self.total_steps)
-            self.sink.advance(self.state.global_step, epoch)
-            if self.state.global_step % self.cfg.run.log_every == 0:
-                self._add_timing(timed, tick)
-                self._log_train()
-                tick, timed = time.perf_counter(), 0
+            step = self.state.global_step
+            self.task.after_step(unwrap(self.model), step, self.total_steps)
+            self.sink.advance(step, epoch)
+            if step % self.cfg.run.log_every == 0:
+                mean = self.log.line(step, epoch, self.total_steps, float(self.scheduler.get_last_lr()[0]))
+                self.nonfinite.check(math.isfinite(mean), step, f"the mean training loss since the last log line is {mean}")
             self._after_step()
             if self._done():
                 break
-            fetched = time.perf_counter()
-        self._add_timing(timed, tick)
-        self._log_epoch(epoch, done, time.perf_counter() - start, waiting)
-
-    def _add_timing(self, steps: int, since: float) -> None:
-        seconds = time.perf_counter() - since
-        self.since_log.add(steps, seconds)
-        self.trained.add(steps, seconds)
+        self.log.end_epoch(epoch, self.state.global_step)
 
     def _after_step(self) -> None:
-        """Step-boundary duties: periodic checkpoints and the agreed stop on a signal."""
-        step = self.state.global_step
+        """Step-boundary duties: what the ranks agree on (a stop signal, a non-finite loss, time since the last
+        checkpoint) and periodic checkpoints."""
+        step, facts = self.state.global_step, {}
+        if self.agreement.due(step):
+            facts = self.agreement.agree(step, nonfinite=float(not self.log.losses.finite()),
+                                         idle_s=self.checkpointer.idle_s())
+            self.nonfinite.check(facts["nonfinite"] == 0, step)
         # At the last step a stop is moot: the run finishes and writes its final checkpoint anyway.
-        stop = self.agreement.due(step) and self.agreement.agree(step)["stop"] > 0 and not self._done()
-        if stop:
+        if facts.get("stop") and not self._done():
             self.checkpointer.save(step, wait=True)
             self.sink.print(f"Stop signal received: checkpoint written at step {step}; exiting.")
             raise Preempted(step)
         # A save that falls on an epoch's last step waits for _end_of_epoch, so that the checkpoint comes
         # after that epoch's evaluation (a resume must not evaluate it twice).
         if self.state.step_in_epoch < self.steps_per_epoch:
-            self.checkpointer.maybe_save(step)
+            self.checkpointer.maybe_save(step, idle_s=facts.get("idle_s"))
 
-    def train_step(self, batch: Any, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """One optimizer step on this rank's share of a global batch; returns the loss (detached)."""
+    def train_step(self, batch: Any, index: torch.Tensor, epoch: int) -> torch.Tensor | None:
+        """One optimizer step on this rank's share of a global batch; returns the loss (detached), or None when
+        train.nonfinite=skip dropped the step."""
         batch = self.prepare_batch(batch, BatchInfo(index, epoch, self.state.seed, train=True))
-        accum = self.cfg.train.grad_accum
+        accum, buffers = self.cfg.train.grad_accum, self.nonfinite.buffers_before(self.model)
         total = torch.zeros((), device=self.rt.device)
         for i, micro in enumerate(chunk(batch, accum)):
             # Gradients are all-reduced only on the last micro-step; the others accumulate locally.
@@ -207,37 +205,15 @@ class Trainer:
                 loss = self.task.loss(self.task.forward(self.model, micro), micro) / accum
             self.amp.backward(loss)
             total += loss.detach().float()
-        self.amp.step(self.optimizer, self.model.parameters(), self.cfg.train.grad_clip)
+        stepped = self.nonfinite.optimizer_step(self.amp, self.optimizer, self.model.parameters(),
+                                                self.cfg.train.grad_clip, self.state.global_step + 1, buffers)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return total
+        self.scheduler.step()  # a dropped step still uses up its batch and its place in the schedule
+        return total if stepped else None
 
     def prepare_batch(self, batch: Any, info: BatchInfo) -> Any:
         """The task's device transform, then the memory format the model expects."""
         return to_memory_format(self.task.transform(batch, info), bool(self.cfg.model.channels_last))
-
-    # ----------------------------------------------------------------------------------- logging
-    def _log_train(self) -> None:
-        """Log the mean training loss since the last log line (all ranks take part in the reduction)."""
-        mean, lr, rate = self.losses.mean(self.rt), self.scheduler.get_last_lr()[0], self.since_log.rate
-        if not self.sink.live:  # the live display shows these instead
-            self.sink.print(f"epoch {self.state.epoch}  step {self.state.global_step}/{self.total_steps}  "
-                            f"loss {mean:.4f}  lr {lr:.4g}  {rate:,.0f} samples/s")
-        self.sink.advance(self.state.global_step, self.state.epoch, loss=mean, lr=lr, rate=f"{rate:,.0f}")
-        self.sink.metric({"kind": "train", "epoch": self.state.epoch, "step": self.state.global_step,
-                          "loss": mean, "lr": lr, "samples_per_s": rate})
-        self.losses.reset()
-        self.since_log.reset()
-
-    def _log_epoch(self, epoch: int, steps: int, seconds: float, waiting: float) -> None:
-        """Throughput of the epoch and the largest share of it any rank spent waiting for data (one small
-        gather per epoch, on the control group)."""
-        wait = max(self.rt.gather_objects(waiting / seconds if seconds > 0 else 0.0, "epoch timing"))
-        meter = Throughput(self.cfg.train.batch_size, steps, seconds)
-        if steps:
-            self.sink.print(f"epoch {epoch}  {meter.rate:,.0f} samples/s  waiting for data {wait:.0%} of the time")
-            self.sink.metric({"kind": "epoch", "epoch": epoch, "step": self.state.global_step,
-                              "samples_per_s": meter.rate, "data_wait": wait})
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, Any]:
@@ -251,6 +227,13 @@ class Trainer:
         """The value ranking checkpoints, signed so that higher is better (a loss is negated)."""
         value = result.get(self.best_name)
         return self.best_sign * float(value) if isinstance(value, (int, float)) else None
+
+    def _unfinite(self) -> str | None:
+        """What is not finite in this rank's state (its unlogged losses, the weights), or None."""
+        if not self.log.losses.finite():
+            return "the training loss became NaN or infinite"
+        state = [*self.model.parameters(), *self.model.buffers()]
+        return None if finite_tensors(state) else "the weights (or BatchNorm statistics) became NaN or infinite"
 
     def _sync_buffers(self) -> None:
         with self.rt.phase("buffer sync"):  # rank 0's BatchNorm statistics, for evaluation and checkpoints
@@ -286,6 +269,6 @@ class Trainer:
 
     def _outcome(self, result: dict[str, Any], model: Path) -> Outcome:
         return Outcome(result=result, step=self.state.global_step, seconds=time.perf_counter() - self.started,
-                       steps_trained=self.trained.steps, samples_per_s=self.trained.rate,
+                       steps_trained=self.log.trained.steps, samples_per_s=self.log.trained.rate,
                        best=self.checkpointer.best_entry(), best_name=self.best_name, best_sign=self.best_sign,
                        checkpoints=self.run_dir / "checkpoints", model=model)

@@ -29,6 +29,7 @@ from trainers.core.checkpoint.background import BackgroundSaver
 from trainers.core.checkpoint.storage import FileStorage, Storage, load_checkpoint
 from trainers.core.config import CheckpointConfig
 from trainers.core.files import atomic_write
+from trainers.core.nonfinite import Diverged
 from trainers.core.parallel import strip_prefixes
 from trainers.core.state import Registry
 
@@ -76,27 +77,39 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, rt: Runtime, run_dir: Path, registry: Registry, rank_state: Registry,
                  config: Any, log: Callable[[str], None], prepare: Callable[[], None] = lambda: None,
-                 storage: Storage | None = None) -> None:
+                 check: Callable[[], str | None] = lambda: None, storage: Storage | None = None) -> None:
         self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
         self.registry, self.rank_state = registry, rank_state
         self.config_record = to_dict(config)  # built once: OmegaConf takes ~10 ms per call
         self.log = log
         self.prepare = prepare  # every rank, before a save: e.g. make rank 0's buffers everyone's
+        self.check = check  # every rank, before a save: what is wrong with the state (non-finite weights), or None
         self.storage = storage or FileStorage(run_dir / "checkpoints", cfg.keep_last, cfg.keep_best, log=log)
         self.writer = BackgroundSaver(self.storage) if cfg.async_ else None
         self.saved_at = time.monotonic()
 
     # ----------------------------------------------------------------------------------- when
-    def due(self, step: int, epochs_done: int | None = None) -> bool:
+    def due(self, step: int, epochs_done: int | None = None, idle_s: float | None = None) -> bool:
         """Whether a periodic checkpoint is due: at an epoch's end (``epochs_done`` epochs finished) by
-        ``checkpoint.every_epochs``, and at any step by ``checkpoint.every_steps``."""
-        every_epochs, every_steps = self.cfg.every_epochs, self.cfg.every_steps
-        by_epoch = epochs_done is not None and every_epochs > 0 and epochs_done % every_epochs == 0
-        return by_epoch or (every_steps > 0 and step % every_steps == 0)
+        ``checkpoint.every_epochs``, at any step by ``checkpoint.every_steps``, and by
+        ``checkpoint.every_minutes`` when ``idle_s`` (seconds since the last save, agreed by all ranks) says so."""
+        c = self.cfg
+        by_epoch = epochs_done is not None and c.every_epochs > 0 and epochs_done % c.every_epochs == 0
+        by_time = c.every_minutes > 0 and idle_s is not None and idle_s >= 60 * c.every_minutes
+        return by_epoch or by_time or (c.every_steps > 0 and step % c.every_steps == 0)
 
-    def maybe_save(self, step: int, *, epochs_done: int | None = None, metric: float | None = None) -> None:
-        if self.due(step, epochs_done):
+    def maybe_save(self, step: int, *, epochs_done: int | None = None, idle_s: float | None = None,
+                   metric: float | None = None) -> None:
+        if self.due(step, epochs_done, idle_s):
             self.save(step, metric)
+
+    def idle_s(self) -> float:
+        """Seconds since this rank's last save (or since the run started here)."""
+        return time.monotonic() - self.saved_at
+
+    def last_good(self) -> Path | None:
+        """The newest checkpoint on disk (every one of them was checked finite before it was written)."""
+        return self.storage.latest_path()
 
     # ----------------------------------------------------------------------------------- save
     def save(self, step: int, metric: float | None = None, *, final: bool = False, wait: bool = False) -> None:
@@ -105,7 +118,11 @@ class Checkpointer:
         With checkpoint.async, a periodic checkpoint is written in the background; the final one and the
         stop checkpoint (``wait``) are on disk before this returns."""
         self.prepare()
-        ranks = self.rt.gather_objects(self.rank_state.state_dict(), "checkpoint")
+        gathered = self.rt.gather_objects((self.check(), self.rank_state.state_dict()), "checkpoint")
+        problem = next((problem for problem, _ in gathered if problem), None)
+        if problem:  # on every rank alike: nothing is written from a broken state
+            raise Diverged(problem, step, self.last_good())
+        ranks = [state for _, state in gathered]
         if self.rt.is_main or self.storage.writes_on_every_rank:
             state = {**self.registry.state_dict(), "ranks": ranks, "world_size": self.rt.world_size,
                      "config": self.config_record, "format": FORMAT}
