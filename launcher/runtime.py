@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from contextlib import AbstractContextManager as ContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,15 +23,48 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from launcher.config import DistConfig
 from launcher import PARENT_AT_START
+from launcher.config import DistConfig
 from launcher.env import DistEnv, LaunchError, check_devices, resolve_env
+from launcher.errors import UserError
 
 T = TypeVar("T")
 
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the phase and the likely cause."""
+
+
+class SetupFailed(Exception):
+    """A set-up step failed on some rank; raised on every rank at once (``Runtime.agreed``), carrying the first
+    failure: its rank, and its message (a user error) or its traceback (a bug)."""
+
+    def __init__(self, rank: int, phase: str, kind: str, message: str, traceback_text: str, user_error: bool) -> None:
+        super().__init__(message)
+        self.rank, self.phase, self.kind, self.message = rank, phase, kind, message
+        self.traceback_text, self.user_error = traceback_text, user_error
+
+    @property
+    def exit_code(self) -> int:
+        """2 for a user error (the message says what to change), 1 for a bug (the traceback says where)."""
+        return 2 if self.user_error else 1
+
+    def report(self) -> str:
+        """What rank 0 prints, once for the whole job: ``rank 1: error: ...``, or the failing rank's traceback."""
+        prefix = f"rank {self.rank}: " if self.rank else ""
+        if self.user_error:
+            return f"{prefix}error: {self.message}"
+        return f"{prefix}failed during set-up ({self.phase}):\n{self.traceback_text.rstrip()}"
+
+
+def _failure(error: BaseException | None) -> dict[str, Any] | None:
+    """A picklable account of a set-up failure (or None), for the agreement."""
+    if error is None:
+        return None
+    user = isinstance(error, UserError)
+    return {"kind": type(error).__name__, "message": str(error) if user else f"{type(error).__name__}: {error}",
+            "user_error": user,
+            "traceback_text": "" if user else "".join(traceback.format_exception(error))}
 
 
 # gloo raises plain RuntimeErrors for timeouts and lost peers; nccl and the store raise DistErrors.
@@ -99,6 +133,26 @@ class Runtime:
             with self.phase(name):
                 dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
+
+    @contextmanager
+    def agreed(self, phase: str) -> Iterator[None]:
+        """Run a set-up step, then agree with every rank that it succeeded (one gather on the control group).
+
+        When it failed on some rank, every rank raises ``SetupFailed`` with the first failure at once, so that
+        no rank goes on into a collective (DDP's parameter broadcast, ...) that a failed rank will never reach.
+        A single process re-raises its own error unchanged."""
+        failure: BaseException | None = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, whatever it is
+            if not self.distributed:
+                raise
+            failure = e
+        reports = self.gather_objects(_failure(failure), f"set-up ({phase})")
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if failed:
+            rank, report = failed[0]
+            raise SetupFailed(rank, phase, **report) from failure
 
     def max_all(self, values: list[float], name: str) -> list[float]:
         """The element-wise maximum of ``values`` over all ranks, on every rank (one small all-reduce on the

@@ -389,3 +389,40 @@ def test_migrations_bring_every_earlier_format_to_todays() -> None:
     assert migrate(state) == state, "today's format is left as it is"
     with pytest.raises(CheckpointError, match="newer"):
         migrate({**state, "format": FORMAT + 1})
+
+
+def _checkpointer(tmp_path: Path, **cfg: Any) -> Any:
+    from launcher.env import resolve_env
+    from launcher.runtime import Runtime
+    from trainers.core.checkpoint import Checkpointer
+    from trainers.core.config import CheckpointConfig, Config
+    from trainers.core.state import Registry
+
+    rt = Runtime(env=resolve_env({}), device=torch.device("cpu"), backend=None, timeout_s=10)
+    return Checkpointer(CheckpointConfig(**cfg), rt, tmp_path, Registry(), Registry(), Config(), log=Log())
+
+
+def test_model_pt_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpointer = _checkpointer(tmp_path)
+    model = torch.nn.Linear(3, 2)
+    path = checkpointer.export_model(model)
+    before = path.read_bytes()
+
+    def torn_save(obj: Any, f: Any) -> None:  # a disk that fills up half-way through the write
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises(OSError, match="No space"):
+        checkpointer.export_model(model)
+    assert path.read_bytes() == before, "the previous model.pt is intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"], "no temporary file left behind"
+
+
+def test_time_based_checkpoints_are_due_by_the_agreed_idle_time(tmp_path: Path) -> None:
+    checkpointer = _checkpointer(tmp_path, every_epochs=0, every_minutes=0.5)
+    assert not checkpointer.due(7) and not checkpointer.due(7, idle_s=29.9)
+    assert checkpointer.due(7, idle_s=30.0) and checkpointer.due(7, epochs_done=1, idle_s=31)
+    assert not _checkpointer(tmp_path, every_epochs=0).due(7, idle_s=1e9), "every_minutes=0: never by time"

@@ -97,6 +97,7 @@ def test_missing_dataset_offline_names_the_synthetic_option(tmp_path: Path) -> N
                           f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}"], timeout=120)
     assert result.returncode == 2
     assert "data.synthetic=true" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists(), "a refused run leaves no run directory (and no .lock) behind"
 
 
 def test_a_stopped_rank_fails_the_job_in_bounded_time_naming_the_phase(tmp_path: Path) -> None:

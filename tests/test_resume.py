@@ -226,3 +226,16 @@ def test_a_checkpoint_of_an_earlier_format_resumes_exactly(tmp_path: Path) -> No
     assert all(torch.equal(a[k], b[k]) for k in a), "resuming the old checkpoint must give the uninterrupted weights"
     state, _ = CheckpointManager(old / "checkpoints").load_latest()  # type: ignore[misc]
     assert state["format"] == FORMAT and set(state["ranks"][0]) == {"rng", "losses"}, "new saves use today's format"
+
+
+def test_time_based_checkpoints_are_agreed_by_every_rank(tmp_path: Path) -> None:
+    """checkpoint.every_minutes alone (no epoch or step interval): the ranks agree on the step to save at, at
+    their stop agreements; a disagreement would leave a rank in the save's collectives and fail the run."""
+    run_dir = tmp_path / "run"
+    args = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "model.width=8", "train.epochs=1",
+            "data.synthetic_train_size=16384", "checkpoint.every_epochs=0", "checkpoint.every_minutes=0.001",
+            "checkpoint.keep_last=1000", "checkpoint.keep_best=false", "run.progress=lines"]
+    assert _run_ranks_to_end(args, 2, tmp_path / "logs") == [0, 0]
+    steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    # 128 steps of about 10 ms; a save is due 0.06 s after the previous one, at the next agreement (~0.2 s)
+    assert steps[-1] == 128 and steps[0] < 128, f"expected time-based saves during the epoch, got {steps}"

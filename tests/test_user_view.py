@@ -114,6 +114,23 @@ def test_user_error_under_torchrun_is_one_message_naming_the_cause(tmp_path: Pat
     assert result.stderr.count("Traceback") <= 1
 
 
+@pytest.mark.parametrize("rank, phase", [(1, "data"), (0, "model")])
+def test_a_user_error_on_one_rank_ends_every_rank_at_once(tmp_path: Path, rank: int, phase: str) -> None:
+    """Rank 1's data folder missing (or a problem rank 0 alone meets): the ranks agree that set-up failed, so
+    every rank ends within seconds with exit 2 and the message appears once, from rank 0, naming the rank."""
+    args = ["tests.failing_task", *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=300"]
+    # 60 s, far below dist.timeout_s: a rank left waiting for the failed one would fail the test here
+    codes = wait_all(start_ranks(args, 2, env={"FAIL_RANK": str(rank), "FAIL_AT": phase}, log_dir=tmp_path), 60,
+                     tmp_path)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [2, 2], logs
+    expected = f"{'rank 1: ' if rank else ''}error: /data/rank{rank} does not exist"
+    assert sum(line.startswith(expected) for log in logs for line in log.splitlines()) == 1, logs
+    assert logs[1].strip() == "" or "error" not in logs[1], "rank 1 says nothing more"
+    assert all("Traceback" not in log for log in logs)
+    assert not (tmp_path / "run").exists(), "a refused run leaves no run directory behind"
+
+
 def test_tracebacks_on_request(tmp_path: Path) -> None:
     result = run_command([*CIFAR, *QUICK, "optim.lr=-1"], timeout=120, env={"DISTLAUNCH_TRACEBACK": "1"})
     assert result.returncode == 2 and "Traceback" in result.stderr and "'optim.lr'" in result.stderr

@@ -23,8 +23,8 @@ import torch
 from launcher.config import fingerprint, load_config, replace, to_yaml
 from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, resolve_env, tracebacks_requested
 from launcher.errors import USAGE_EXIT_CODE, UserError
-from launcher.runtime import (CollectiveError, Runtime, choose_backend, choose_device, configure_determinism,
-                              distributed)
+from launcher.runtime import (CollectiveError, Runtime, SetupFailed, choose_backend, choose_device,
+                              configure_determinism, distributed)
 from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, stop_during_startup
 from trainers.core.auto import DeviceTraits, resolve_auto
 from trainers.core.cli import parse_args
@@ -72,19 +72,24 @@ def _train(given: Config, env: DistEnv, device: torch.device, task_cls: type[Tas
     if cfg.run.debug:
         torch.autograd.set_detect_anomaly(True)  # a NaN names the operation that made it
     with distributed(cfg.dist, env, device) as rt:
-        run_dir = Path(cfg.run.dir)
-        problem = None
+        run_dir, held, problem = Path(cfg.run.dir), None, None
         if rt.is_main:  # rank 0 claims the directory and tells the others, so that all stop together on a refusal
             try:
-                claim(run_dir)
+                held = claim(run_dir)
             except RunDirError as e:
                 problem = str(e)
         problem = rt.broadcast_object(problem, "run directory")
         if problem:
             raise RunDirError(problem)
-        task = task_cls(cfg)
-        task.given = given  # the user's config, `auto`s included: config.yaml keeps them
-        return trainer(task, rt, run_dir).fit()
+        try:
+            with rt.agreed("task"):
+                task = task_cls(cfg)
+                task.given = given  # the user's config, `auto`s included: config.yaml keeps them
+            return trainer(task, rt, run_dir).fit()
+        except BaseException:
+            if held is not None:
+                held.withdraw()  # a run refused before it wrote anything leaves no directory behind
+            raise
 
 
 def _report(error: BaseException, cfg: Config | None) -> None:
@@ -118,7 +123,7 @@ def _record_for_torchrun(error: BaseException) -> None:
     (the file format is torch.distributed.elastic's error record; the message stands in for the traceback)."""
     path = elastic_error_file()
     if path:
-        text = f"{type(error).__name__}: {error}"
+        text = f"{getattr(error, 'kind', type(error).__name__)}: {error}"  # SetupFailed: the failing rank's type
         record = {"message": {"message": text, "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}}
         Path(path).write_text(json.dumps(record))
 
@@ -160,6 +165,11 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
         _report(e, cfg)
         _record_for_torchrun(e)
         return COLLECTIVE_EXIT_CODE
+    except SetupFailed as e:  # every rank raises it at once; rank 0 says it once for the job
+        if probable_rank() == 0:
+            print(e.report(), file=sys.stderr)
+        _record_for_torchrun(e)
+        return e.exit_code
     except Diverged as e:
         _report(e, cfg)
         _record_for_torchrun(e)

@@ -25,8 +25,24 @@ class RunDirError(UserError):
     same_on_every_rank = True  # rank 0 decides and tells the others
 
 
-def claim(run_dir: Path) -> None:
+class Claim:
+    """A run directory this process holds."""
+
+    def __init__(self, run_dir: Path, created: bool) -> None:
+        self.run_dir, self.created = run_dir, created
+
+    def withdraw(self) -> None:
+        """After a refusal: remove the directory again if this claim created it and nothing else was written
+        into it, so that a refused run leaves no run directory behind."""
+        lock = self.run_dir / ".lock"
+        if self.created and [p.name for p in self.run_dir.iterdir()] == [lock.name]:
+            lock.unlink()
+            self.run_dir.rmdir()
+
+
+def claim(run_dir: Path) -> Claim:
     """Create ``run_dir`` and lock it for this process; RunDirError saying why not."""
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -44,3 +60,4 @@ def claim(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
     _HELD.append(fd)
+    return Claim(run_dir, created)

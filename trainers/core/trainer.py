@@ -52,19 +52,28 @@ class Trainer:
         self.auto_chosen = settle(task, DeviceTraits.of(rt.device))  # task.cfg: this device's values
         cfg = self.cfg = task.cfg
         self.started = time.perf_counter()
-        self.sink = make_sink(rt.is_main, run_dir, cfg.run.progress, cfg.run.tensorboard)
-        self.state = TrainState(seed=cfg.run.seed, global_batch_size=cfg.train.batch_size)
-        micro_batch_size(cfg.train.batch_size, rt.world_size, cfg.train.grad_accum)  # raises if it does not divide
-        self.train_set, self.eval_set = task.build_data(rt)
-        check_splits(self.train_set, self.eval_set, cfg.train.batch_size)
-        self.sampler, self.train_loader, self.eval_loader = build_loaders(
-            cfg, rt.world_size, rt.rank, rt.device, self.train_set, self.eval_set, self.state.seed)
-        self.model = self._build_model()
-        self.optimizer = task.build_optimizer(unwrap(self.model))
-        self.scheduler = task.build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps)
+        # Set-up steps that may fail on one rank alone end in an agreement (rt.agreed): every rank stops at once
+        # with the failing rank's message, instead of waiting in a collective the failed rank never reaches.
+        with rt.agreed("data"):
+            self.sink = make_sink(rt.is_main, run_dir, cfg.run.progress, cfg.run.tensorboard)
+            self.state = TrainState(seed=cfg.run.seed, global_batch_size=cfg.train.batch_size)
+            micro_batch_size(cfg.train.batch_size, rt.world_size, cfg.train.grad_accum)  # raises if it does not divide
+            self.train_set, self.eval_set = task.build_data(rt)
+            check_splits(self.train_set, self.eval_set, cfg.train.batch_size)
+            self.sampler, self.train_loader, self.eval_loader = build_loaders(
+                cfg, rt.world_size, rt.rank, rt.device, self.train_set, self.eval_set, self.state.seed)
+        with rt.agreed("model"):
+            model = self._build_model()
+        self.model = spread(model, rt.device, rt.world_size, sync_bn=cfg.model.sync_bn,  # DDP: a collective
+                            channels_last=bool(cfg.model.channels_last), compile=bool(cfg.model.compile))
+        seed_everything(self.state.seed + rt.rank)  # per-rank streams from here on (dropout etc.)
+        with rt.agreed("optimizer"):
+            self.optimizer = task.build_optimizer(unwrap(self.model))
+            self.scheduler = task.build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps)
+            self.metrics = task.metrics()
+            self.best_name, self.best_sign = ranking_metric(self.metrics, cfg.checkpoint.best_metric,
+                                                            cfg.checkpoint.keep_best)
         self.amp = Amp(cfg.train.precision, rt.device)
-        self.metrics = task.metrics()
-        self.best_name, self.best_sign = ranking_metric(self.metrics, cfg.checkpoint.best_metric, cfg.checkpoint.keep_best)
         self.log = TrainingLog(rt, self.sink, cfg.train.batch_size)
         self.agreement = StopAgreement(rt, stop)
         self.nonfinite = NonFinite(cfg.train.nonfinite, cfg.train.nonfinite_skips, self.sink.print,
@@ -79,6 +88,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
+        """The task's model, the same on every rank, with model.init_from and model.freeze applied."""
         cfg = self.cfg.model
         seed_everything(self.state.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
         model = self.task.build_model()
@@ -87,9 +97,6 @@ class Trainer:
                 self.sink.print(line)
         if cfg.freeze:
             self.sink.print(f"model.freeze: {len(freeze(model, cfg.freeze))} parameter tensors frozen")
-        model = spread(model, self.rt.device, self.rt.world_size, sync_bn=cfg.sync_bn,
-                       channels_last=bool(cfg.channels_last), compile=bool(cfg.compile))
-        seed_everything(self.state.seed + self.rt.rank)  # per-rank streams from here on (dropout etc.)
         return model
 
     @property
@@ -106,7 +113,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (or to a stop signal, raising ``Preempted``); returns the final metrics."""
         try:
-            self.resume()
+            with self.rt.agreed("resume"):
+                self.resume()
             self._announce()
             result: dict[str, Any] = {}
             # Signals become a flag only while the loop can act on it; during start-up (imports, process
