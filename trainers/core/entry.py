@@ -10,6 +10,7 @@ data, checkpoint) becomes its one-paragraph message and exit status 2, without a
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -37,6 +38,10 @@ from trainers.core.trainer import Trainer
 
 #: Exit status when a peer rank failed or timed out in a collective.
 COLLECTIVE_EXIT_CODE = 3
+
+
+class DiskFull(UserError):
+    """A file of the run could not be written: no space left (or over quota)."""
 
 
 class Fits(Protocol):
@@ -174,3 +179,12 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
         _report(e, cfg)
         _record_for_torchrun(e)
         return DIVERGED_EXIT_CODE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = DiskFull(f"The disk is full ({e.strerror}: {e.filename or 'a file of the run'}). Files are written "
+                        "whole or not at all, so nothing saved before is lost: free space or give another run.dir, "
+                        "then run the same command again to resume.")
+        _report(full, cfg)
+        _record_for_torchrun(full)
+        return USAGE_EXIT_CODE

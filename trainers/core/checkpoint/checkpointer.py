@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from launcher.config import ConfigError, to_dict
-from launcher.errors import CheckpointError
+from launcher.errors import CheckpointError, UserError
 from launcher.runtime import Runtime
 from trainers.core.checkpoint.background import BackgroundSaver
 from trainers.core.checkpoint.storage import FileStorage, Storage, load_checkpoint
@@ -34,6 +34,12 @@ from trainers.core.parallel import strip_prefixes
 from trainers.core.state import Registry
 
 __all__ = ["Checkpointer", "FORMAT", "migrate"]
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, ...); every rank stops, the earlier checkpoints are intact."""
+
+    same_on_every_rank = True
+
 
 #: Version of what a checkpoint holds. 0: before the registry (seed and batch size at the top level);
 #: 1: the registry, per-rank ``window``/``window_steps``; 2: per-rank state as a registry of its own.
@@ -122,18 +128,30 @@ class Checkpointer:
         problem = next((problem for problem, _ in gathered if problem), None)
         if problem:  # on every rank alike: nothing is written from a broken state
             raise Diverged(problem, step, self.last_good())
-        ranks = [state for _, state in gathered]
+        failure = None
         if self.rt.is_main or self.storage.writes_on_every_rank:
-            state = {**self.registry.state_dict(), "ranks": ranks, "world_size": self.rt.world_size,
-                     "config": self.config_record, "format": FORMAT}
-            background = self.writer is not None and not (final or wait)
-            if self.writer is not None and not background:
-                self.writer.wait()
-            path = (self.writer.save if background and self.writer else self.storage.save)(state, step, metric)
-            note = " (final)" if final else " (writing in the background)" if background else ""
-            self.log(f"checkpoint {path.name}{note}")
+            try:
+                self._write([state for _, state in gathered], step, metric, final=final, wait=wait)
+            except OSError as e:  # a full disk, a lost file system: the files written before are intact
+                failure = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        # Instead of a barrier: every rank learns how the write went, and all stop together if it failed.
+        failure = next((f for f in self.rt.gather_objects(failure, "checkpoint") if f), None)
+        if failure:
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint of step {step} ({failure}). The checkpoints written before are "
+                f"intact (the newest: {self.last_good() or 'none yet'}): free space or give another run.dir, then run "
+                "the same command again to resume.")
         self.saved_at = time.monotonic()
-        self.rt.barrier("checkpoint")
+
+    def _write(self, ranks: list[Any], step: int, metric: float | None, *, final: bool, wait: bool) -> None:
+        state = {**self.registry.state_dict(), "ranks": ranks, "world_size": self.rt.world_size,
+                 "config": self.config_record, "format": FORMAT}
+        background = self.writer is not None and not (final or wait)
+        if self.writer is not None and not background:
+            self.writer.wait()
+        path = (self.writer.save if background and self.writer else self.storage.save)(state, step, metric)
+        note = " (final)" if final else " (writing in the background)" if background else ""
+        self.log(f"checkpoint {path.name}{note}")
 
     def export_model(self, model: nn.Module) -> Path:
         """The final weights alone, as ``model.pt`` (plain keys, written atomically), for inference and
