@@ -341,6 +341,9 @@ def distributed(cfg: DistConfig, env: DistEnv | None = None, device: torch.devic
             rt.backend = backend
             rt.control = _init_process_group(env, device, backend, timedelta(seconds=cfg.timeout_s))
         yield rt
+        # Every rank reaches the end before any tears its process group down: a rank whose peer is still
+        # talking to it while it destroys the group can abort in gloo's teardown.
+        rt.barrier("shutdown")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -284,13 +284,24 @@ def plan(args: argparse.Namespace) -> Plan:
     name = run.get("name") or args.module.rsplit(".", 1)[-1]
     base = ["--config", str(Path(args.config).absolute())] if args.config else []
     p = Plan(args.module, base, sweeps, res, name)
-    for i, cfg in enumerate(configs):
-        given = (cfg.get("run") or {}).get("dir")
+    for i, (cfg, sweep) in enumerate(zip(configs, sweeps)):
+        given = (cfg.get("run") or {}).get("dir") if _run_dir_given(args.config, sweep) else None
         if given:
             p.run_dirs.append(str(Path(given).absolute() / str(i)) if len(configs) > 1 else str(Path(given).absolute()))
         else:
             p.run_dirs.append(str(Path.cwd() / "runs" / f"{name}-{{job_id}}"))
     return p
+
+
+def _run_dir_given(config: Path | None, overrides: Sequence[str]) -> bool:
+    """Whether the user named run.dir (--print-config shows the run directory either way: a default one is
+    replaced by ``runs/<name>-<job id>`` here, fixed by the job id so that every requeue finds it)."""
+    if any(o.strip().startswith("run.dir=") for o in overrides):
+        return True
+    if config is None:
+        return False
+    data = yaml.safe_load(Path(config).read_text()) or {}
+    return bool(isinstance(data, dict) and isinstance(data.get("run"), dict) and data["run"].get("dir"))
 
 
 def dry_run_script(p: Plan, local: bool) -> str:
@@ -300,7 +311,12 @@ def dry_run_script(p: Plan, local: bool) -> str:
     ex = executor_for(p.res, local=False, name=p.name)
     if len(p.sweeps) > 1:
         ex.parameters["map_count"] = len(p.sweeps)
-    return str(ex._make_submission_file_text(ex._submitit_command_str, "<uuid>"))
+    script = str(ex._make_submission_file_text(ex._submitit_command_str, "<uuid>"))
+    if len(p.sweeps) == 1:
+        return script
+    rows = [f"#   index {i}: {' '.join(sweep) or '(no overrides)'} -> {run_dir.format(job_id=f'<array id>_{i}')}"
+            for i, (sweep, run_dir) in enumerate(zip(p.sweeps, p.run_dirs))]
+    return script + f"\n# job array of {len(p.sweeps)} jobs, one run directory each:\n" + "\n".join(rows) + "\n"
 
 
 def _describe(job: Any, tj: TrainJob) -> str:
@@ -351,11 +367,25 @@ def _outcome(job: Any) -> int:
         return 1
     outcome, value = job.task(0)._get_outcome_and_result() if job._sub_jobs else job._get_outcome_and_result()
     if outcome == "success":
-        print(f"job {job.job_id}: finished ({value})")
+        print(f"job {job.job_id}: finished{_final_metrics(Path(value))} ({value})")
         return 0
     found = re.search(r"exit status (\d+)", str(value))
     print(f"job {job.job_id} failed; see {job.paths.stdout}", file=sys.stderr)
     return int(found.group(1)) if found else 1
+
+
+def _final_metrics(run_dir: Path) -> str:
+    """``: step 32, test_acc 0.9440 test_loss 0.2100`` from the run's end record (empty when it has none)."""
+    from launcher.report import load_run  # matplotlib-free until a plot is asked for
+
+    try:
+        end = load_run(run_dir).end
+    except UserError:
+        return ""
+    if end is None:
+        return ""
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in end.items() if k.startswith("test_") and isinstance(v, float))
+    return f": step {end['step']}, {metrics}"
 
 
 def submit(args: argparse.Namespace) -> int:

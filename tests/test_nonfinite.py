@@ -38,6 +38,7 @@ def test_a_diverging_run_stops_every_rank_and_keeps_its_good_checkpoints(tmp_pat
     message = [line for line in logs[0].splitlines() if line.startswith("error: Training diverged")]
     assert len(message) == 1 and "step-00000018.pt" in message[0] and "noticed at step 20" in message[0], logs[0][-2000:]
     assert "Training diverged" not in logs[1], "every rank stops; rank 0 alone says why"
+    assert "changed since the last run: train.epochs: 1 -> 3" in logs[0], "a resume names what changed"
     # step 16 stays as the best (the only evaluated one), step 18 as the newest; nothing after the NaN
     assert sorted(p.name for p in checkpoints.glob("step-*.pt")) == ["step-00000016.pt", "step-00000018.pt"]
     assert _digest(model) == model_digest, "model.pt still holds the good weights"

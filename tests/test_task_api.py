@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, train_trace
 from trainers.core.checkpoint import CheckpointManager
 
@@ -103,3 +103,31 @@ def test_own_keys_own_state_and_worker_transforms_resume_bit_exactly(tmp_path: P
     assert [(r["step"], r["loss"]) for r in _records(straight)] == [(r["step"], r["loss"]) for r in _records(broken)]
     final = CheckpointManager(broken / "checkpoints").load_latest()[0]  # type: ignore[index]
     assert final["task.micro_steps"] == {"count": 40}, "restored, then counted on: every micro-step once"
+
+
+def test_a_bug_in_task_code_is_shown_once_from_the_users_frame(tmp_path: Path) -> None:
+    """A bug in the task's own loss: one traceback, starting at the user's frame (the toolkit's loop above it is
+    left out). Under torchrun it is in torchrun's failure summary (rank 0's in full, the others' last frame), and
+    each rank prints one line; with plain python the process prints it."""
+    debug = ["--config", str(REPO / "configs" / "cifar_debug.yaml")]
+    two = run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tests.buggy_task", *debug,
+                       f"run.dir={tmp_path / 'a'}"], timeout=300, env={"BUG": "loss"})
+    assert two.returncode != 0
+    assert two.stderr.count(", in loss\n") == 1, two.stderr[-4000:]  # rank 0's traceback, once
+    assert "trainers/core/trainer.py" not in two.stderr, "the toolkit's own frames are trimmed"
+    assert "error: ZeroDivisionError: division by zero (the traceback is in torchrun's failure summary)" in two.stderr
+    one = run_command([PYTHON, "-m", "tests.buggy_task", *debug, f"run.dir={tmp_path / 'b'}"], timeout=300,
+                      env={"BUG": "loss"})
+    assert one.returncode == 1 and one.stderr.startswith("Traceback (most recent call last):\n  File ")
+    first_frame = one.stderr.splitlines()[1]
+    assert "tests/buggy_task.py" in first_frame and "in loss" in first_frame, one.stderr[-3000:]
+    assert one.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+
+
+def test_a_task_that_does_not_name_its_config_is_told_to(tmp_path: Path) -> None:
+    result = run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "tests.buggy_task",
+                          f"run.dir={tmp_path / 'run'}", "train.epochs=1"], timeout=300, env={"BUG": "config"})
+    ours = [line for line in result.stderr.splitlines() if line.startswith(("error:", "rank 1: error:"))]
+    assert len(ours) == 1 and "'train.lookahead'" in ours[0] and "`config = YourConfig`" in ours[0], result.stderr
+    assert "MissingKey: The task reads 'train.lookahead'" in result.stderr, "torchrun's summary names the cause"
+    assert not (tmp_path / "run").exists()

@@ -148,11 +148,30 @@ def test_same_command_resumes_and_a_changed_value_starts_a_new_run(tmp_path: Pat
     first = train()
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("cifar-debug-") and "new run" in first
-    again = train("data.num_workers=1")  # loading workers do not change what is trained: same run
+    again = train("data.num_workers=1")  # loading workers do not change what is trained: same run, finished
     assert list((tmp_path / "runs").iterdir()) == runs
-    assert "resumed at step 16" in again and "changed since the last run: data.num_workers: 0 -> 1" in again
+    assert "This run has already finished: step 16" in again and f"({Path('runs') / runs[0].name})" in again
     other = train("optim.lr=0.1")
     assert len(list((tmp_path / "runs").iterdir())) == 2 and "new run" in other
+
+
+def test_running_a_finished_run_again_says_so_and_rewrites_nothing(tmp_path: Path) -> None:
+    """The same command after the run finished (also under torchrun instead of plain python): where the run is,
+    how to train a new one; its checkpoints and model.pt untouched, no data loaded (no offline warning again)."""
+    run_dir = tmp_path / "run"
+    offline = ["data.synthetic=false", "data.download=false", "data.synthetic_fallback=true",
+               f"data.root={tmp_path / 'nowhere'}", f"run.dir={run_dir}"]
+    first = run_command([*CIFAR, *QUICK, *offline], timeout=300)
+    assert first.returncode == 0 and "Using synthetic CIFAR-shaped data instead" in first.stderr, first.stderr[-2000:]
+    outputs = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    for launch in ([*CIFAR], [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar"]):
+        again = run_command([*launch, *QUICK, *offline], timeout=300)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert again.stdout.count("This run has already finished: step 16") == 1, again.stdout
+        assert "run.name=NAME" in again.stdout and str(run_dir / "model.pt") in again.stdout
+        assert "steps trained" not in again.stdout and "synthetic" not in again.stderr, again.stderr
+        assert {p: p.stat().st_mtime_ns for p in outputs} == stamps, "nothing rewritten"
 
 
 def test_ctrl_c_checkpoints_and_a_second_one_interrupts_at_once(tmp_path: Path) -> None:
@@ -190,6 +209,27 @@ def test_help_lists_every_key_without_importing_torch() -> None:
     assert not missing
 
 
+@pytest.mark.parametrize("override, phrase", [("train.batchsize=64", "did you mean 'train.batch_size'"),
+                                              ("train.epochs=many", "'train.epochs'"),
+                                              ("optim.lr=-1", "'optim.lr' must not be below 0")],
+                         ids=["unknown-key", "wrong-type", "out-of-range"])
+def test_a_settings_error_is_reported_before_torch_is_imported(override: str, phrase: str) -> None:
+    probe = (f"import runpy, sys; sys.argv = ['trainers.cifar', '{override}']\n"
+             "try:\n    runpy.run_module('trainers.cifar', run_name='__main__')\n"
+             "except SystemExit as e:\n    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
+    result = run_command([PYTHON, "-c", probe], timeout=60)
+    assert "exit 2" in result.stdout and "torch imported: False" in result.stdout, result.stdout + result.stderr
+    assert phrase in result.stderr and "Traceback" not in result.stderr
+
+
+def test_print_config_and_help_read_plainly() -> None:
+    shown = run_command([*CIFAR, "--config", str(DEBUG_CONFIG), "--print-config"], timeout=120)
+    assert shown.returncode == 0 and "  dir: runs/cifar-debug-" in shown.stdout, "the run directory it will use"
+    help_text = run_command([*CIFAR, "--help"], timeout=60).stdout
+    assert "**" not in help_text and "`" not in help_text and "Precision" not in help_text, "no markup, no class names"
+    assert "train.precision (str, default auto)" in help_text and "optim.betas (list," in help_text
+
+
 def test_debug_mode_one_process_few_batches_and_a_model_summary(tmp_path: Path) -> None:
     result = run_command([*CIFAR, *QUICK, "run.debug=true", f"run.dir={tmp_path / 'run'}", "run.log_every=1"],
                          timeout=300)
@@ -197,6 +237,11 @@ def test_debug_mode_one_process_few_batches_and_a_model_summary(tmp_path: Path) 
     # The summary runs one training batch (train.batch_size=128), not an evaluation batch (256)
     assert "parameters" in result.stdout and "Conv2d" in result.stdout and "input 128x3x32x32" in result.stdout
     assert "128x10" in result.stdout and "256x10" not in result.stdout
+    table = result.stdout.split("model: ")[0]
+    assert "DEBUG MODE (run.debug=true)" in table, "the status row says so"
+    assert "differ from the defaults of cifar" in table and "config.yaml" in table
+    assert "run.debug" in table and "run.seed" not in table, "only the keys that differ from the task's defaults"
+    assert not [line for line in result.stdout.splitlines() if line != line.rstrip()], "a log gets no padding"
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
     assert steps == [1, 2, 3, 4], "a handful of batches per epoch"
@@ -240,6 +285,50 @@ def test_report_plots_several_runs_including_a_running_and_a_resumed_one(tmp_pat
     assert "test_acc" in result.stdout and "done" in result.stdout and "running" in result.stdout
     missing = run_command([PYTHON, "-m", "launcher", "report", str(tmp_path / "nope")], timeout=60)
     assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr
+
+
+def test_report_reads_the_runs_own_end_and_marks_its_resumes(tmp_path: Path) -> None:
+    """The table's final step, wall time and throughput are the run's own (its end record and summary), not the
+    last logged step; a resume is one restart and a dotted line at its step in every panel, a re-run of the
+    finished run none; each run keeps one colour in every panel, and each axis holds one metric."""
+    import io
+
+    from rich.console import Console
+
+    from launcher.report import load_run, plot, summary
+
+    run_dir = tmp_path / "run"
+    base = [*CIFAR, *QUICK, f"run.dir={run_dir}", "run.log_every=5"]  # the last line logs step 15 of 16
+    first = run_command(base, timeout=300)
+    assert first.returncode == 0
+    longer = run_command([*base, "train.epochs=2"], timeout=300)  # the same run, continued to 32 steps
+    assert longer.returncode == 0 and "resumed at step 16" in longer.stdout
+    assert "already finished" in run_command([*base, "train.epochs=2"], timeout=300).stdout  # not a restart
+    other = tmp_path / "other"
+    assert run_command([*CIFAR, *QUICK, f"run.dir={other}"], timeout=300).returncode == 0
+
+    runs = [load_run(run_dir), load_run(other)]
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary(runs))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in out.getvalue().splitlines() if line.startswith("│")}
+    assert rows["steps"] == ["32", "16"] and rows["restarts"] == ["1", "0"] and rows["state"][0] == "finished"
+    times = [next(line for line in r.stdout.splitlines() if line.startswith("time ")) for r in (first, longer)]
+    wall = float(rows["wall time"][0].split()[0].replace(",", ""))
+    assert abs(wall - sum(float(t.split()[1].replace(",", "")) for t in times)) < 0.15, (rows, times)
+    assert rows["throughput"][0] == times[1].split("(")[1].split()[0] + " samples/s", "the last attempt's own"
+
+    fig = plot(runs, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+    for ax in fig.axes:
+        if not ax.get_ylabel():
+            continue  # the epoch axes
+        curves = [line for line in ax.lines if len(line.get_xdata()) > 2 or line.get_label() in ("run", "other")]
+        assert [line.get_label() for line in curves] == ["run", "other"], "one metric per axis, each run once"
+        assert [line.get_color() for line in curves] == ["#1f77b4", "#ff7f0e"], "one colour per run, every panel"
+        marks = [line for line in ax.lines if line.get_linestyle() == ":"]
+        assert [list(m.get_xdata()) for m in marks] == [[16, 16]], "the resume at step 16"
+    assert {ax.get_ylabel() for ax in fig.axes} >= {"training loss", "test_acc", "test_loss", "learning rate"}
 
 
 def test_missing_tensorboard_is_a_clear_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from trainers.cifar_config import CifarConfig
 from trainers.core.cli import begin_main
 
 if __name__ == "__main__":
-    begin_main(CifarConfig, "python -m trainers.cifar")  # --help answers at once: no torch imported yet
+    begin_main(CifarConfig, "python -m trainers.cifar", "cifar")  # --help and config errors: before torch
 
 # The heavy imports come after the --help check on purpose.
 from typing import Any, Callable, Sequence

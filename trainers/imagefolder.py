@@ -16,7 +16,7 @@ from trainers.core.cli import begin_main
 from trainers.imagefolder_config import FolderConfig
 
 if __name__ == "__main__":
-    begin_main(FolderConfig, "python -m trainers.imagefolder")  # --help answers at once: no torch imported yet
+    begin_main(FolderConfig, "python -m trainers.imagefolder", "imagefolder")  # --help, config errors: before torch
 
 # The heavy imports come after the --help check on purpose.
 from pathlib import Path

@@ -4,6 +4,7 @@ imported only to check a model name)."""
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -22,7 +23,9 @@ def classification_models() -> tuple[str, ...]:
 
 
 def _known_model(name: str) -> str | None:
-    if name == "tiny" or name in classification_models():
+    # Checked once torchvision is loaded (training imports it): the early check of the settings, before torch,
+    # stays under a second.
+    if name == "tiny" or "torchvision" not in sys.modules or name in classification_models():
         return None
     close = difflib.get_close_matches(name, classification_models(), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""

@@ -17,16 +17,17 @@ engine (loading, overrides, validation, the fingerprint) is ``launcher.config``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from launcher.config import ConfigError, DistConfig, SlurmConfig, redefault, setting
 
 __all__ = ["Precision", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "SchedConfig", "EvalConfig",
            "CheckpointConfig", "RunConfig", "Config", "DistConfig", "SlurmConfig", "ConfigError", "setting",
-           "redefault"]
+           "redefault", "MissingKey"]
 
 
 def _existing_checkpoint(value: str) -> str | None:
@@ -58,8 +59,28 @@ class Precision(str, Enum):
     fp16 = "fp16"  # autocast to float16 with a GradScaler
 
 
+class MissingKey(ConfigError, AttributeError):
+    """A task read a key that its config schema does not declare."""
+
+
+class _Keys:
+    """Base of the config sections: reading a key the schema does not declare says how to declare it (a task
+    that forgot ``config = ...`` would otherwise fail with a bare AttributeError deep inside its own code)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # Python's and OmegaConf's own probes
+            raise AttributeError(name)
+        kind = type(self)
+        section = next((s for base, s in _SECTIONS.items() if issubclass(kind, base)), "")
+        known = ", ".join(f.name for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        raise MissingKey(
+            f"The task reads '{f'{section}.' if section else ''}{name}', which its config does not declare "
+            f"({kind.__name__} has {known}). Declare the key in a config section of the task and name that config "
+            "on the Task class with `config = YourConfig`; a task without it has the common keys only.")
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Keys):
     """How batches are loaded; a task adds where its data lives."""
 
     loader: str = setting("dataloader", "`dataloader` (torch DataLoader, any Dataset) or `device` (in-memory "
@@ -71,7 +92,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Keys):
     """How the task's model is prepared; a task adds which model to build."""
 
     sync_bn: bool = setting(False, "BatchNorm statistics over the global batch (torch SyncBatchNorm on GPUs, a "
@@ -88,7 +109,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Keys):
     epochs: int = setting(30, "epochs", gt=0)
     batch_size: int = setting(512, "**global** batch: samples per optimizer step over all ranks; each rank gets "
                               "`batch_size / world_size`", gt=0)
@@ -108,7 +129,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Keys):
     name: str = setting("sgd", "`sgd` (momentum, Nesterov), `adamw` or `adam`", choices=("sgd", "adamw", "adam"))
     lr: float = setting(0.1, "peak learning rate", ge=0)
     momentum: float = setting(0.9, "SGD momentum", ge=0)
@@ -119,7 +140,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class SchedConfig:
+class SchedConfig(_Keys):
     name: str = setting("cosine", "`cosine` (to `final_lr`), `onecycle` (torch OneCycleLR), `step` (x`gamma` every "
                         "`step_epochs`), `triangle` (linear from `initial_lr` up to the peak at `warmup_epochs`, "
                         "linear down to `final_lr`) or `constant`",
@@ -132,13 +153,13 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Keys):
     batch_size: int = setting(1024, "global evaluation batch", gt=0, changes_run=False)
     every_epochs: int = setting(1, "evaluate every N epochs (and always after the last)", gt=0, changes_run=False)
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(_Keys):
     every_epochs: int = setting(1, "save at the end of every N epochs (0: never)", ge=0, changes_run=False)
     every_steps: int = setting(0, "also save every N optimizer steps (0: never)", ge=0, changes_run=False)
     every_minutes: float = setting(0.0, "also save once this many minutes have passed since the last checkpoint (0: "
@@ -155,7 +176,7 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Keys):
     dir: str = setting("", "run directory; empty: `runs/<name>-<fingerprint>`, a hash of the keys that change "
                        "the run, so that re-running a command resumes it", changes_run=False)
     name: str = setting("", "name used for the default run directory (empty: the task's name)", changes_run=False)
@@ -171,7 +192,7 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Keys):
     """The sections every task has; a task subclasses sections and this root to add its own keys."""
 
     #: Keys that moved; using the old name is an error that names the new one.
@@ -195,3 +216,8 @@ class Config:
 
     def check(self) -> None:
         """Rules that span several keys; a task's config overrides this and raises ConfigError."""
+
+
+#: The key prefix of each section class (and of its subclasses), for messages.
+_SECTIONS: dict[type, str] = {DataConfig: "data", ModelConfig: "model", TrainConfig: "train", OptimConfig: "optim",
+                              SchedConfig: "sched", EvalConfig: "eval", CheckpointConfig: "checkpoint", RunConfig: "run"}

@@ -11,9 +11,7 @@ data, checkpoint) becomes its one-paragraph message and exit status 2, without a
 from __future__ import annotations
 
 import errno
-import json
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -21,18 +19,19 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from launcher.config import fingerprint, load_config, replace, to_yaml
-from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, resolve_env, tracebacks_requested
+from launcher.config import fingerprint, to_yaml
+from launcher.env import DistEnv, LaunchError, probable_rank, resolve_env, tracebacks_requested
 from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import (CollectiveError, Runtime, SetupFailed, choose_backend, choose_device,
                               configure_determinism, distributed)
 from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, stop_during_startup
 from trainers.core.auto import DeviceTraits, resolve_auto
-from trainers.core.cli import parse_args
+from trainers.core.cli import parse_args, record_for_torchrun, report_bug, report_error, settings
 from trainers.core.config import Config
 from trainers.core.data import micro_batch_size
 from trainers.core.nonfinite import DIVERGED_EXIT_CODE, Diverged
-from trainers.core.rundir import RunDirError, claim
+from trainers.core.evaluation import describe
+from trainers.core.rundir import RunDirError, claim, finished_record
 from trainers.core.task import Task
 from trainers.core.trainer import Trainer
 
@@ -52,11 +51,6 @@ class Fits(Protocol):
 TrainerFactory = Callable[[Task, Runtime, Path], Fits]
 
 
-def default_run_dir(cfg: Config, task_name: str) -> Path:
-    """runs/<name>-<fingerprint>: a pure function of what the command trains, so re-running it resumes."""
-    return Path("runs") / f"{cfg.run.name or task_name}-{fingerprint(cfg)}"
-
-
 def check_before_launch(cfg: Config, env: DistEnv) -> torch.device:
     """Everything that can fail on its own before the process group starts, checked on every rank,
     so that no rank waits in a rendezvous for a rank that already gave up; returns this rank's device."""
@@ -69,6 +63,13 @@ def check_before_launch(cfg: Config, env: DistEnv) -> torch.device:
     return device
 
 
+def _already_finished(run_dir: Path, end: dict[str, Any]) -> str:
+    metrics = describe({k: v for k, v in end.items() if k.startswith("test_")})
+    return (f"This run has already finished: step {end['step']}, {metrics} ({run_dir}).\n"
+            f"Its weights are {run_dir / 'model.pt'}; `python -m launcher report {run_dir}` shows how it went.\n"
+            "To train a new run with these settings, give it a name of its own: run.name=NAME (or run.dir=DIR).")
+
+
 def _train(given: Config, env: DistEnv, device: torch.device, task_cls: type[Task],
            trainer: TrainerFactory) -> dict[str, Any]:
     """Resolve the device-dependent settings once, start the process group, claim the run directory, train."""
@@ -77,15 +78,20 @@ def _train(given: Config, env: DistEnv, device: torch.device, task_cls: type[Tas
     if cfg.run.debug:
         torch.autograd.set_detect_anomaly(True)  # a NaN names the operation that made it
     with distributed(cfg.dist, env, device) as rt:
-        run_dir, held, problem = Path(cfg.run.dir), None, None
+        run_dir, held, problem, finished = Path(cfg.run.dir), None, None, None
         if rt.is_main:  # rank 0 claims the directory and tells the others, so that all stop together on a refusal
             try:
                 held = claim(run_dir)
+                finished = finished_record(run_dir, fingerprint(given)) if cfg.checkpoint.resume == "auto" else None
             except RunDirError as e:
                 problem = str(e)
-        problem = rt.broadcast_object(problem, "run directory")
+        problem, finished = rt.broadcast_object((problem, finished), "run directory")
         if problem:
             raise RunDirError(problem)
+        if finished is not None:  # the same command again: say so, train and rewrite nothing
+            if rt.is_main:
+                print(_already_finished(run_dir, finished))
+            return finished
         try:
             with rt.agreed("task"):
                 task = task_cls(cfg)
@@ -95,19 +101,6 @@ def _train(given: Config, env: DistEnv, device: torch.device, task_cls: type[Tas
             if held is not None:
                 held.withdraw()  # a run refused before it wrote anything leaves no directory behind
             raise
-
-
-def _report(error: BaseException, cfg: Config | None) -> None:
-    """One message per error: rank 0 reports what every rank meets; other ranks say who they are."""
-    rank = probable_rank()
-    debug = tracebacks_requested() or (cfg is not None and cfg.run.debug)
-    same = getattr(error, "same_on_every_rank", False)
-    if rank != 0 and same and not debug:
-        return
-    prefix = f"rank {rank}: " if rank else ""
-    if debug:
-        traceback.print_exception(error, file=sys.stderr)
-    print(f"{prefix}error: {error}", file=sys.stderr)
 
 
 def prefix_warnings(rank: int) -> None:
@@ -121,16 +114,6 @@ def prefix_warnings(rank: int) -> None:
         return f"rank {rank}: " + plain(message, category, filename, lineno, line)
 
     warnings.formatwarning = formatwarning
-
-
-def _record_for_torchrun(error: BaseException) -> None:
-    """torchrun's failure summary then shows this message as the root cause instead of "error_file: <N/A>"
-    (the file format is torch.distributed.elastic's error record; the message stands in for the traceback)."""
-    path = elastic_error_file()
-    if path:
-        text = f"{getattr(error, 'kind', type(error).__name__)}: {error}"  # SetupFailed: the failing rank's type
-        record = {"message": {"message": text, "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}}
-        Path(path).write_text(json.dumps(record))
 
 
 def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: TrainerFactory | None = None,
@@ -147,44 +130,47 @@ def run_task(task: type[Task], argv: Sequence[str] | None = None, *, trainer: Tr
     args = parse_args(argv, prog or f"python -m trainers.{task.name}", task.config)
     cfg: Config | None = None
     try:
-        cfg = load_config(args.config, args.overrides, schema=task.config)
+        cfg = settings(args, task.config, task.name)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         env = resolve_env()
         device = check_before_launch(cfg, env)
-        cfg = replace(cfg, run={"dir": cfg.run.dir or str(default_run_dir(cfg, task.name))})
         _train(cfg, env, device, task, trainer or Trainer)
         return 0
-    except Preempted:
+    except BaseException as e:  # noqa: BLE001 - every way a run ends has its exit status and one message
+        return _ending(e, cfg)
+
+
+def _ending(error: BaseException, cfg: Config | None) -> int:
+    """The exit status of a run that ended by ``error``, after saying why (once for the job where possible)."""
+    debug = tracebacks_requested() or (cfg is not None and cfg.run.debug)
+    if isinstance(error, Preempted):
         return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:
-        print("interrupted: stopped at once, without a new checkpoint (the previous ones are kept); re-run the "
-              "same command to resume from the last one.", file=sys.stderr)
+    if isinstance(error, KeyboardInterrupt):
+        print("interrupted: stopped at once, without a new checkpoint (the earlier ones are kept); run the same "
+              "command again to resume from the last one.", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
-    except UserError as e:
-        _report(e, cfg)
-        _record_for_torchrun(e)
-        return USAGE_EXIT_CODE
-    except CollectiveError as e:
-        _report(e, cfg)
-        _record_for_torchrun(e)
-        return COLLECTIVE_EXIT_CODE
-    except SetupFailed as e:  # every rank raises it at once; rank 0 says it once for the job
+    if isinstance(error, SetupFailed):  # every rank raises it at once; rank 0 says it once for the job
         if probable_rank() == 0:
-            print(e.report(), file=sys.stderr)
-        _record_for_torchrun(e)
-        return e.exit_code
-    except Diverged as e:
-        _report(e, cfg)
-        _record_for_torchrun(e)
-        return DIVERGED_EXIT_CODE
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        full = DiskFull(f"The disk is full ({e.strerror}: {e.filename or 'a file of the run'}). Files are written "
-                        "whole or not at all, so nothing saved before is lost: free space or give another run.dir, "
-                        "then run the same command again to resume.")
-        _report(full, cfg)
-        _record_for_torchrun(full)
-        return USAGE_EXIT_CODE
+            print(error.report(), file=sys.stderr)
+        record_for_torchrun(error, error.traceback_text or None)
+        return error.exit_code
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = DiskFull(f"The disk is full ({error.strerror}: {error.filename or 'a file of the run'}). Files are "
+                         "written whole or not at all, so nothing saved before is lost: free space or give another "
+                         "run.dir, then run the same command again to resume.")
+    codes: list[tuple[type[BaseException], int]] = [(UserError, USAGE_EXIT_CODE), (CollectiveError, COLLECTIVE_EXIT_CODE),
+                                                     (Diverged, DIVERGED_EXIT_CODE)]
+    code = next((code for kind, code in codes if isinstance(error, kind)), None)
+    if code is None:
+        if isinstance(error, SystemExit):
+            raise error
+        if debug:  # run.debug / DISTLAUNCH_TRACEBACK: the whole story
+            traceback.print_exception(error, file=sys.stderr)
+        else:
+            report_bug(error)
+        return 1
+    report_error(error, debug)
+    record_for_torchrun(error)
+    return code

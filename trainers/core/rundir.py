@@ -9,14 +9,41 @@ system's locking.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
+from launcher.config import fingerprint
 from launcher.errors import UserError
 
 _HELD: list[int] = []  # descriptors of the locks this process holds (released by the OS at exit)
+
+
+def default_run_dir(cfg: Any, task_name: str) -> Path:
+    """runs/<name>-<fingerprint>: a pure function of what the command trains, so re-running it resumes."""
+    return Path("runs") / f"{cfg.run.name or task_name}-{fingerprint(cfg)}"
+
+
+def finished_record(run_dir: Path, fingerprint_now: str) -> dict[str, Any] | None:
+    """The ``end`` record of a run in ``run_dir`` that finished with these settings (the same fingerprint), or
+    None: then the run is new, unfinished, or continues with changed settings (more epochs, ...)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "start":
+            return None  # started again after its last end: it has not finished since
+        if record.get("kind") == "end":
+            return record if record.get("fingerprint") == fingerprint_now else None
+    return None
 
 
 class RunDirError(UserError):

@@ -65,8 +65,16 @@ class MainSink(Sink):
         return self._board
 
     def print(self, *objects: Any) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.console.is_terminal:
             self.console.print(*objects)
+            return
+        # A log file gets plain lines: tables rendered at the console's width, without the padding after each row.
+        with self.console.capture() as captured:
+            self.console.print(*objects)
+        self.console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+        self.console.file.flush()
 
     def metric(self, record: dict[str, Any]) -> None:
         if self.metrics_path is not None:
@@ -136,6 +144,11 @@ def make_sink(is_main: bool, run_dir: Path, progress: str, tensorboard: bool = F
         return Sink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return MainSink(run_dir / "metrics.jsonl", progress, run_dir if tensorboard else None)
+
+
+def count(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from launcher.config import fingerprint
 from launcher.runtime import Runtime
 from launcher.signals import Preempted, StopFlag
 from trainers.core.amp import Amp
@@ -34,7 +35,7 @@ from trainers.core.nonfinite import NonFinite, finite_tensors
 from trainers.core.parallel import broadcast_buffers, maybe_no_sync, spread, to_memory_format, unwrap
 from trainers.core.pretrained import freeze, init_from
 from trainers.core.rng import RankRng, seed_everything
-from trainers.core.sinks import make_sink, truncate_metrics
+from trainers.core.sinks import count, make_sink, truncate_metrics
 from trainers.core.state import ModelState, Registry, TrainState
 from trainers.core.stopping import StopAgreement
 from trainers.core.summary import model_summary
@@ -116,6 +117,7 @@ class Trainer:
             with self.rt.agreed("resume"):
                 self.resume()
             self._announce()
+            already = self._finished()  # resumed a run that had finished: report it, rewrite nothing
             result: dict[str, Any] = {}
             # Signals become a flag only while the loop can act on it; during start-up (imports, process
             # group, data) stop_during_startup's handlers end the process at once with the requeue status.
@@ -124,13 +126,13 @@ class Trainer:
             while not self._finished():
                 self.train_epoch(self.state.epoch)
                 result = self._end_of_epoch()
-            if not result:  # resumed from a finished run: report, log nothing new
+            if already:
                 result = self.evaluate()
-            self.checkpointer.save(self.state.global_step, self._best_value(result), final=True)
-            model = self.checkpointer.export_model(unwrap(self.model))
+            else:
+                self.checkpointer.save(self.state.global_step, self._best_value(result), final=True)
+            model = self.checkpointer.export_model(unwrap(self.model), replace=not already)
             self.sink.stop()
-            if self.rt.is_main:
-                summarize(self._outcome(result, model), self.sink)
+            self._report_end(result, model)
         finally:
             self.agreement.flag.restore()
             self.checkpointer.close()
@@ -194,7 +196,8 @@ class Trainer:
         # At the last step a stop is moot: the run finishes and writes its final checkpoint anyway.
         if facts.get("stop") and not self._done():
             self.checkpointer.save(step, wait=True)
-            self.sink.print(f"Stop signal received: checkpoint written at step {step}; exiting.")
+            self.sink.print(f"Stop signal received: checkpoint written at step {step}; exiting. Run the same command "
+                            "again to resume from it.")
             raise Preempted(step)
         # A save that falls on an epoch's last step waits for _end_of_epoch, so that the checkpoint comes
         # after that epoch's evaluation (a resume must not evaluate it twice).
@@ -255,7 +258,7 @@ class Trainer:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
         if self.resumed_from is not None:
             self.sink.print(f"Resumed from {self.resumed_from} at epoch {self.state.epoch}, step "
-                            f"{self.state.global_step} ({self.state.step_in_epoch} steps into the epoch).")
+                            f"{self.state.global_step} ({count(self.state.step_in_epoch, 'step')} into the epoch).")
 
     def _announce(self) -> None:
         devices = self.rt.describe_devices()  # a collective: before the rank-0 branch
@@ -267,16 +270,25 @@ class Trainer:
             auto=describe_choices(self.auto_chosen, self.rt.device.type), step=self.state.global_step,
             epoch=self.state.epoch, resumed_from=self.resumed_from, task_rows=self.task.describe(),
             higher_is_better={f"test_{n}": m.higher_is_better for n, m in self.metrics.items()},
-            model_summary=model_summary(unwrap(self.model), self._example_inputs()) if self.cfg.run.debug else None),
-            self.sink)
+            model_summary=model_summary(unwrap(self.model), self._example_inputs()) if self.cfg.run.debug else None,
+            setup_s=time.perf_counter() - self.started), self.sink)
 
     def _example_inputs(self) -> Any:
         """The model inputs of one training batch, prepared as in training (for the debug model summary)."""
         batch, index = next(iter(self.train_loader.epoch(self.state.seed, EVAL_EPOCH)))
         return self.task.inputs(self.prepare_batch(batch, BatchInfo(index, EVAL_EPOCH, self.state.seed, train=True)))
 
-    def _outcome(self, result: dict[str, Any], model: Path) -> Outcome:
-        return Outcome(result=result, step=self.state.global_step, seconds=time.perf_counter() - self.started,
-                       steps_trained=self.log.trained.steps, samples_per_s=self.log.trained.rate,
-                       best=self.checkpointer.best_entry(), best_name=self.best_name, best_sign=self.best_sign,
-                       checkpoints=self.run_dir / "checkpoints", model=model)
+    def _report_end(self, result: dict[str, Any], model: Path) -> None:
+        """The ``end`` record of metrics.jsonl (a later run of the same command sees that this one finished) and
+        the final summary (rank 0)."""
+        if not self.rt.is_main:
+            return
+        outcome = Outcome(result=result, step=self.state.global_step, seconds=time.perf_counter() - self.started,
+                          steps_trained=self.log.trained.steps, samples_per_s=self.log.trained.rate,
+                          best=self.checkpointer.best_entry(), best_name=self.best_name, best_sign=self.best_sign,
+                          checkpoints=self.run_dir / "checkpoints", model=model)
+        self.sink.metric({"kind": "end", "step": outcome.step, "epoch": self.state.epoch, "seconds": outcome.seconds,
+                          "steps_trained": outcome.steps_trained, "samples_per_s": outcome.samples_per_s,
+                          "fingerprint": fingerprint(self.task.given),
+                          **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+        summarize(outcome, self.sink)

@@ -153,11 +153,11 @@ class Checkpointer:
         note = " (final)" if final else " (writing in the background)" if background else ""
         self.log(f"checkpoint {path.name}{note}")
 
-    def export_model(self, model: nn.Module) -> Path:
+    def export_model(self, model: nn.Module, replace: bool = True) -> Path:
         """The final weights alone, as ``model.pt`` (plain keys, written atomically), for inference and
-        fine-tuning."""
+        fine-tuning; an existing one is kept unless ``replace``."""
         path = self.run_dir / "model.pt"
-        if self.rt.is_main:
+        if self.rt.is_main and (replace or not path.exists()):
             weights = strip_prefixes(model.state_dict())
             atomic_write(path, lambda f: torch.save(weights, f))
         return path
