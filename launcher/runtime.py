@@ -39,6 +39,8 @@ class SetupFailed(Exception):
     """A set-up step failed on some rank; raised on every rank at once (``Runtime.agreed``), carrying the first
     failure: its rank, and its message (a user error) or its traceback (a bug)."""
 
+    raised_by_every_rank = True
+
     def __init__(self, rank: int, phase: str, kind: str, message: str, traceback_text: str, user_error: bool) -> None:
         super().__init__(message)
         self.rank, self.phase, self.kind, self.message = rank, phase, kind, message
@@ -323,6 +325,13 @@ def stop_with_parent(agent_pid: int) -> None:
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+def _leave_together(rt: Runtime) -> None:
+    """Every rank reaches the end before any tears its process group down. A rank whose peer still has a message
+    in flight (gloo's all_gather can return before its own send is done) while it destroys the group and exits
+    can abort in gloo's teardown ("terminate called without an active exception")."""
+    rt.barrier("shutdown")
+
+
 @contextmanager
 def distributed(cfg: DistConfig, env: DistEnv | None = None, device: torch.device | None = None) -> Iterator[Runtime]:
     """Bind the device, start the process group; always tear it down.
@@ -341,9 +350,14 @@ def distributed(cfg: DistConfig, env: DistEnv | None = None, device: torch.devic
             rt.backend = backend
             rt.control = _init_process_group(env, device, backend, timedelta(seconds=cfg.timeout_s))
         yield rt
-        # Every rank reaches the end before any tears its process group down: a rank whose peer is still
-        # talking to it while it destroys the group can abort in gloo's teardown.
-        rt.barrier("shutdown")
+        _leave_together(rt)
+    except BaseException as e:
+        if getattr(e, "raised_by_every_rank", False):  # agreed: every rank stops at this same point
+            try:
+                _leave_together(rt)
+            except CollectiveError:
+                pass  # the error that ends the run matters more
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -49,6 +49,8 @@ def _note(signum: int) -> None:
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; main() maps it to PREEMPTED_EXIT_CODE."""
 
+    raised_by_every_rank = True  # all ranks agreed on the step to stop at
+
 
 def _stop_now(signum: int, frame: FrameType | None) -> None:
     _note(signum)

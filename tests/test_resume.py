@@ -159,7 +159,7 @@ def test_all_checkpoints_corrupt_is_a_clear_error_and_keeps_files(tmp_path: Path
     files = sorted((run_dir / "checkpoints").glob("step-*.pt"))
     for f in files:
         f.write_bytes(b"garbage")
-    again = run_command([PYTHON, "-m", *base], timeout=300)
+    again = run_command([PYTHON, "-m", *base, "train.epochs=3"], timeout=300)  # continue it: a resume is needed
     assert again.returncode == 2
     assert "checkpoint.resume" in again.stderr
     assert sorted((run_dir / "checkpoints").glob("step-*.pt")) == files, "nothing saved before is deleted"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -16,11 +17,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from launcher.config import ConfigError, leaves, load_config, replace, yaml_scalar
-from launcher.env import elastic_error_file, probable_rank, tracebacks_requested
-from launcher.errors import USAGE_EXIT_CODE
+from launcher.config import leaves, load_config, replace, yaml_scalar
+from launcher.env import DistEnv, LaunchError, elastic_error_file, probable_rank, resolve_env, tracebacks_requested
+from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.signals import stop_during_startup
-from trainers.core.config import Config
+from trainers.core.config import Config, micro_batch_size
 from trainers.core.rundir import default_run_dir
 
 #: The toolkit's own code: frames there are dropped from the top of a traceback of the user's code.
@@ -72,6 +73,15 @@ def settings(args: argparse.Namespace, schema: type[Config], task_name: str) -> 
     return replace(cfg, run={"dir": cfg.run.dir or str(default_run_dir(cfg, task_name))})
 
 
+def check_launch(cfg: Config, env: DistEnv) -> None:
+    """The settings against the launch (no torch needed): the global batch must divide over the ranks and
+    accumulation steps, and run.debug is for one process."""
+    micro_batch_size(cfg.train.batch_size, env.world_size, cfg.train.grad_accum)
+    if cfg.run.debug and env.world_size > 1:
+        raise LaunchError(f"run.debug=true runs one process (breakpoints, pdb), but this launch has {env.world_size} "
+                          f"ranks ({env.launcher}); start it with plain python, or drop run.debug.")
+
+
 def begin_main(schema: type[Config], prog: str, name: str, argv: Sequence[str] | None = None) -> None:
     """The first thing a task module does when run as a program, before importing torch: a stop signal during
     the start-up that follows now ends the process with the "requeue me" exit status, and ``--help`` and any
@@ -80,8 +90,8 @@ def begin_main(schema: type[Config], prog: str, name: str, argv: Sequence[str] |
     stop_during_startup()
     args = make_parser(prog, schema).parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        settings(args, schema, name)
-    except ConfigError as e:
+        check_launch(settings(args, schema, name), resolve_env())
+    except UserError as e:
         report_error(e, debug=tracebacks_requested())
         record_for_torchrun(e)
         sys.exit(USAGE_EXIT_CODE)
@@ -101,11 +111,26 @@ def report_error(error: BaseException, debug: bool = False) -> None:
     """One message per error: rank 0 reports what every rank meets; other ranks say who they are."""
     rank = probable_rank()
     if rank != 0 and getattr(error, "same_on_every_rank", False) and not debug:
+        _let_rank0_report()
         return
     prefix = f"rank {rank}: " if rank else ""
     if debug:
         traceback.print_exception(error, file=sys.stderr)
     print(f"{prefix}error: {error}", file=sys.stderr)
+
+
+def _let_rank0_report(seconds: float = 3.0) -> None:
+    """Under torchrun, a rank other than 0 that meets an error every rank meets leaves the report to rank 0 and
+    waits (at most ``seconds``) until rank 0 has recorded it: torchrun stops every worker as soon as one exits,
+    which could otherwise cut rank 0 short of saying why. Only rank 0's own node can see its error file."""
+    mine = elastic_error_file()
+    if not mine or os.environ.get("GROUP_RANK", "0") != "0":
+        return
+    path = Path(mine)  # .../attempt_<n>/<local rank>/error.json
+    theirs = path.parent.parent / "0" / path.name
+    deadline = time.monotonic() + seconds
+    while not theirs.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def report_bug(error: BaseException) -> None:

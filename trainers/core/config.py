@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ from launcher.config import ConfigError, DistConfig, SlurmConfig, redefault, set
 
 __all__ = ["Precision", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "SchedConfig", "EvalConfig",
            "CheckpointConfig", "RunConfig", "Config", "DistConfig", "SlurmConfig", "ConfigError", "setting",
-           "redefault", "MissingKey"]
+           "redefault", "MissingKey", "micro_batch_size"]
 
 
 def _existing_checkpoint(value: str) -> str | None:
@@ -221,3 +222,16 @@ class Config(_Keys):
 #: The key prefix of each section class (and of its subclasses), for messages.
 _SECTIONS: dict[type, str] = {DataConfig: "data", ModelConfig: "model", TrainConfig: "train", OptimConfig: "optim",
                               SchedConfig: "sched", EvalConfig: "eval", CheckpointConfig: "checkpoint", RunConfig: "run"}
+
+
+def micro_batch_size(global_batch: int, world_size: int, grad_accum: int = 1) -> int:
+    """Samples in one micro-batch of one rank (the global batch over ranks and accumulation steps); a
+    ConfigError naming workable values when the global batch does not divide."""
+    parts = world_size * grad_accum
+    if global_batch % parts:
+        lower, upper = global_batch // parts * parts, math.ceil(global_batch / parts) * parts
+        raise ConfigError(
+            f"train.batch_size={global_batch} (the global batch) does not divide into {world_size} ranks x "
+            f"{grad_accum} accumulation steps; set train.batch_size to a multiple of {parts} "
+            f"(e.g. {lower or parts} or {upper}) or change the number of ranks or train.grad_accum.")
+    return global_batch // parts

@@ -17,7 +17,6 @@ loader yields ``(batch, index)`` where ``index`` holds the dataset indices of th
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -25,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from torch.utils.data import default_collate
 
 from launcher.config import ConfigError
+from trainers.core.config import micro_batch_size
 from trainers.core.rng import rngs_preserved, sample_seed, seed_global_rngs
 
 __all__ = [
@@ -126,19 +126,6 @@ class TensorSplit(Dataset):
 
 
 # ----------------------------------------------------------------------------------- order and shards
-
-
-def micro_batch_size(global_batch: int, world_size: int, grad_accum: int = 1) -> int:
-    """Samples in one micro-batch of one rank (the global batch over ranks and accumulation steps); a
-    ConfigError naming workable values when the global batch does not divide."""
-    parts = world_size * grad_accum
-    if global_batch % parts:
-        lower, upper = global_batch // parts * parts, math.ceil(global_batch / parts) * parts
-        raise ConfigError(
-            f"train.batch_size={global_batch} (the global batch) does not divide into {world_size} ranks x "
-            f"{grad_accum} accumulation steps; set train.batch_size to a multiple of {parts} "
-            f"(e.g. {lower or parts} or {upper}) or change the number of ranks or train.grad_accum.")
-    return global_batch // parts
 
 
 class ResumableDistributedSampler(DistributedSampler):

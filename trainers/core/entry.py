@@ -20,15 +20,14 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from launcher.config import fingerprint, to_yaml
-from launcher.env import DistEnv, LaunchError, probable_rank, resolve_env, tracebacks_requested
+from launcher.env import DistEnv, probable_rank, resolve_env, tracebacks_requested
 from launcher.errors import USAGE_EXIT_CODE, UserError
 from launcher.runtime import (CollectiveError, Runtime, SetupFailed, choose_backend, choose_device,
                               configure_determinism, distributed)
 from launcher.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, stop_during_startup
 from trainers.core.auto import DeviceTraits, resolve_auto
-from trainers.core.cli import parse_args, record_for_torchrun, report_bug, report_error, settings
+from trainers.core.cli import check_launch, parse_args, record_for_torchrun, report_bug, report_error, settings
 from trainers.core.config import Config
-from trainers.core.data import micro_batch_size
 from trainers.core.nonfinite import DIVERGED_EXIT_CODE, Diverged
 from trainers.core.evaluation import describe
 from trainers.core.rundir import RunDirError, claim, finished_record
@@ -54,12 +53,9 @@ TrainerFactory = Callable[[Task, Runtime, Path], Fits]
 def check_before_launch(cfg: Config, env: DistEnv) -> torch.device:
     """Everything that can fail on its own before the process group starts, checked on every rank,
     so that no rank waits in a rendezvous for a rank that already gave up; returns this rank's device."""
-    micro_batch_size(cfg.train.batch_size, env.world_size, cfg.train.grad_accum)
+    check_launch(cfg, env)  # (also checked before torch is imported, when the task runs as a program)
     device = choose_device(env, cfg.dist)
     choose_backend(device, cfg.dist)  # dist.device=cuda or nccl without a GPU
-    if cfg.run.debug and env.world_size > 1:
-        raise LaunchError(f"run.debug=true runs one process (breakpoints, pdb), but this launch has {env.world_size} "
-                          f"ranks ({env.launcher}); start it with plain python, or drop run.debug.")
     return device
 
 

@@ -28,6 +28,7 @@ class Diverged(Exception):
     """Training produced a non-finite loss or weights; nothing was saved from them."""
 
     same_on_every_rank = True  # every rank stops at the same step with the same message: rank 0 reports it
+    raised_by_every_rank = True
 
     def __init__(self, what: str, step: int, last_good: Path | None) -> None:
         resume = (f"The last good checkpoint is {last_good}: lower optim.lr, clip gradients (train.grad_clip) or "

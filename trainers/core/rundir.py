@@ -50,6 +50,7 @@ class RunDirError(UserError):
     """The run directory cannot be used: not writable, or in use by a live run."""
 
     same_on_every_rank = True  # rank 0 decides and tells the others
+    raised_by_every_rank = True
 
 
 class Claim:

@@ -39,6 +39,7 @@ class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, ...); every rank stops, the earlier checkpoints are intact."""
 
     same_on_every_rank = True
+    raised_by_every_rank = True
 
 
 #: Version of what a checkpoint holds. 0: before the registry (seed and batch size at the top level);
