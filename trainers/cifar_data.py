@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import download_and_extract_archive
 
 from launcher.errors import DatasetUnavailable
 from trainers.core.data import TensorSplit
@@ -92,12 +90,20 @@ def cifar10_folder(root: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cifar10() -> Any:
+    """torchvision's CIFAR10 class, for the archive's URL, file name and md5: imported when needed (a download or
+    an error message), since importing torchvision costs about 2 s that training on the files does not need."""
+    from torchvision.datasets import CIFAR10
+
+    return CIFAR10
+
+
 def _unavailable_message(folder: Path, problem: str) -> str:
     return (
         f"CIFAR-10 is not usable at {folder}: {problem}. "
         "Fix it in one of three ways: allow the download (`data.download=true`) on a machine with "
         "internet access "
-        f"(it fetches {CIFAR10.url} and extracts it there); "
+        f"(it fetches {_cifar10().url} and extracts it there); "
         f"put the original python-version files ({', '.join(_ALL_FILES)}) in {folder} yourself; "
         "or train on synthetic CIFAR-shaped data with `data.synthetic=true`."
     )
@@ -215,7 +221,7 @@ _ARCHIVE_ERRORS = (RuntimeError, tarfile.TarError, EOFError, gzip.BadGzipFile, z
 
 def _offline_message(root: Path, exc: BaseException) -> str:
     return (
-        f"Could not download CIFAR-10 from {CIFAR10.url} ({type(exc).__name__}: {exc}); "
+        f"Could not download CIFAR-10 from {_cifar10().url} ({type(exc).__name__}: {exc}); "
         "this machine appears to be offline or cannot reach the host. "
         "Either train on synthetic CIFAR-shaped data with `data.synthetic=true`, or fetch "
         f"cifar-10-python.tar.gz elsewhere and extract it so that {_FOLDER_NAME} sits under "
@@ -234,16 +240,19 @@ def download_cifar10(root: str | Path, timeout_s: float = 60.0) -> None:
     root = Path(root).expanduser()
     if not _missing_files(cifar10_folder(root)):
         return
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    cifar = _cifar10()
     # torchvision's urlopen calls take no timeout argument, so the process-wide default is the
     # only handle; restore it so the rest of the program is unaffected.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
-        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
     except _NETWORK_ERRORS as exc:
         raise DatasetUnavailable(_offline_message(root, exc)) from exc
     except _ARCHIVE_ERRORS as exc:
-        problem = f"the downloaded archive was corrupt ({type(exc).__name__}: {exc}); delete {root / CIFAR10.filename}"
+        problem = f"the downloaded archive was corrupt ({type(exc).__name__}: {exc}); delete {root / cifar.filename}"
         raise DatasetUnavailable(_unavailable_message(cifar10_folder(root), problem)) from exc
     except OSError as exc:
         problem = f"could not write under {root} ({type(exc).__name__}: {exc})"

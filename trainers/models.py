@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.models import resnet18
 
 
 def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     """ResNet-18 adapted to 32x32 inputs: a 3x3 stride-1 stem and no max-pool (ImageNet's stem would
     shrink CIFAR images to 8x8 before the first residual stage)."""
+    from torchvision.models import resnet18  # here: importing torchvision costs ~2 s that the other models skip
+
     model = resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

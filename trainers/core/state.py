@@ -9,16 +9,25 @@ checkpointed without any edit to the trainer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch.nn as nn
-from torch.distributed.checkpoint.stateful import Stateful
 
 from launcher.config import ConfigError
 from launcher.errors import CheckpointError
 from trainers.core.parallel import strip_prefixes, unwrap
 
 __all__ = ["Stateful", "TrainState", "ModelState", "Registry"]
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict()``: the protocol of torch.distributed.checkpoint's
+    ``Stateful`` (declared here: importing that module costs most of a second at every start)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 @dataclass
