@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 CPU         ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: install
 test: install
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# On a GPU host: the GPU tests, the speed table (against the published airbench) and the fast recipe's times, in
+# one report (OUT/gpu-report.md); each step is bounded and recorded as it ends.
+OUT ?= gpu-check
+gpu-check: install
+	$(BIN)/pip install --quiet airbench || echo "airbench could not be installed: its row will say so"
+	$(BIN)/python -m bench.gpu_check $(OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -56,11 +56,12 @@ def toolkit_seconds(train: int, test: int, batch: int, epochs: int, overrides: t
     return toolkit_run(train, test, batch, epochs, overrides)[0]
 
 
-def toolkit_run(train: int, test: int, batch: int, epochs: int,
-                overrides: tuple[str, ...] = ()) -> tuple[float, float]:
-    """``Trainer.fit()`` of the fast recipe on synthetic CIFAR-shaped data: (seconds, test accuracy)."""
+def toolkit_run(train: int, test: int, batch: int, epochs: int, overrides: tuple[str, ...] = (),
+                config: str = "cifar_fast.yaml") -> tuple[float, float]:
+    """``Trainer.fit()`` of a fast recipe (``configs/<config>``) on synthetic CIFAR-shaped data (``overrides`` may
+    point it at real data): (seconds, test accuracy)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(REPO / "configs" / "cifar_fast.yaml", [
+        cfg = load_config(REPO / "configs" / config, [
             f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", "checkpoint.every_epochs=0",
             "data.synthetic=true", f"data.synthetic_train_size={train}", f"data.synthetic_test_size={test}",
             f"train.batch_size={batch}", f"optim.lr={1.5 * batch / 1024}", f"train.epochs={epochs}",
@@ -84,13 +85,15 @@ def _half_net(net: nn.Module) -> nn.Module:
     return net
 
 
-def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.device) -> tuple[float, float]:
-    """The plain airbench94 loop: (seconds, test accuracy with mirror+translate TTA)."""
+def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.device,
+                  half: bool | None = None) -> tuple[float, float]:
+    """The plain airbench94 loop: (seconds, test accuracy with mirror+translate TTA). ``half``: half-precision weights
+    with BatchNorm in fp32, as airbench94 runs on CUDA (default: on CUDA only)."""
     train_split = synthetic_cifar10(train, SYNTHETIC_SEED, train=True)  # the toolkit's synthetic splits
     test_split = synthetic_cifar10(test, SYNTHETIC_SEED, train=False)
     images, labels = (t.to(device) for t in train_split.tensors)
     test_images, test_labels = (t.to(device) for t in test_split.tensors)
-    half = device.type == "cuda"
+    half = device.type == "cuda" if half is None else half
     dtype = torch.half if half else torch.float32
     to_float = Normalize(CIFAR10_MEAN, CIFAR10_STD, device)
 

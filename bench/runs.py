@@ -76,7 +76,7 @@ def samples_per_second(world: int, threads: int, overrides: list[str], mode: str
                 p.kill()
 
 
-def _stop_check_rank(rank: int, port: int, epochs: int, out: Any) -> None:
+def _stop_check_rank(rank: int, port: int, epochs: int, overrides: list[str], out: Any) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
@@ -89,7 +89,8 @@ def _stop_check_rank(rank: int, port: int, epochs: int, out: Any) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
             f"run.dir={run_dir}", "checkpoint.every_epochs=0", "checkpoint.resume=never", "run.progress=quiet",
-            "run.log_every=1000000", *FAST_STEPS, "data.synthetic_train_size=2048", f"train.epochs={epochs + 1}"],
+            "run.log_every=1000000", *FAST_STEPS, "data.synthetic_train_size=2048", f"train.epochs={epochs + 1}",
+            *overrides],
             schema=CifarConfig)
         with distributed(cfg.dist) as rt:
             trainer = loop.Trainer(CifarTask(cfg), rt, Path(run_dir))
@@ -109,7 +110,7 @@ def _stop_check_rank(rank: int, port: int, epochs: int, out: Any) -> None:
         out.put((rates[True], rates[False]))
 
 
-def stop_check_rates(epochs: int = 12) -> tuple[list[float], list[float]]:
+def stop_check_rates(epochs: int = 12, overrides: list[str] | None = None) -> tuple[list[float], list[float]]:
     """Steps/s of 2 gloo ranks with the stop agreement (the default interval) and without it, alternating
     epoch by epoch within one run, so that both settings see the same processes and machine state."""
     ctx = mp.get_context("spawn")
@@ -117,7 +118,7 @@ def stop_check_rates(epochs: int = 12) -> tuple[list[float], list[float]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_stop_check_rank, args=(r, port, epochs, out)) for r in range(2)]
+    procs = [ctx.Process(target=_stop_check_rank, args=(r, port, epochs, overrides or [], out)) for r in range(2)]
     for p in procs:
         p.start()
     try:

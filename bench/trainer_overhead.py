@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = 128
 
 
-def _config(run_dir: str, samples: int) -> CifarConfig:
+def _config(run_dir: str, samples: int, device: torch.device) -> CifarConfig:
     return load_config(REPO / "configs" / "cifar_debug.yaml", [
+        f"dist.device={device.type}", "train.precision=fp32", "model.compile=false",  # both sides alike
         f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", "checkpoint.every_epochs=0",
         f"data.synthetic_train_size={samples}", "data.synthetic_test_size=10", f"train.batch_size={BATCH}",
         "data.loader=device", "train.augment=false", "optim.weight_decay=0", "sched.name=constant",
@@ -40,31 +41,37 @@ def _config(run_dir: str, samples: int) -> CifarConfig:
         "model.channels_last=false"], schema=CifarConfig)  # NCHW fp32, as the hand-written loop
 
 
-def toolkit(samples: int) -> tuple[float, torch.Tensor]:
-    """Seconds for one epoch of Trainer.train_epoch, and the final flat weights."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def toolkit(samples: int, device: torch.device = torch.device("cpu")) -> tuple[float, torch.Tensor]:
+    """Seconds for one epoch of Trainer.train_epoch on ``device`` (fp32), and the final flat weights (on the CPU)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = _config(run_dir, samples)
+        cfg = _config(run_dir, samples, device)
         with distributed(cfg.dist, resolve_env({})) as rt:
             trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
             start = time.perf_counter()
             trainer.train_epoch(0)
+            _sync(device)
             seconds = time.perf_counter() - start
             trainer.sink.close()
-            return seconds, torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+            return seconds, torch.cat([p.detach().reshape(-1).cpu() for p in trainer.model.parameters()])
 
 
-def by_hand(samples: int) -> tuple[float, torch.Tensor]:
-    """The same epoch as a plain loop: permutation, gather, normalise, forward, backward, step."""
+def by_hand(samples: int, device: torch.device = torch.device("cpu")) -> tuple[float, torch.Tensor]:
+    """The same epoch as a plain loop on ``device`` (fp32): permutation, gather, normalise, forward, backward, step."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = _config(run_dir, samples)
+        cfg = _config(run_dir, samples, device)
         with distributed(cfg.dist, resolve_env({})) as rt:
-            images, labels = CifarTask(cfg).build_data(rt)[0].tensors
+            images, labels = (t.to(device) for t in CifarTask(cfg).build_data(rt)[0].tensors)
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model.name, cfg.model.width)
+    model = build_model(cfg.model.name, cfg.model.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
     normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
     g = torch.Generator().manual_seed(cfg.run.seed)  # DistributedSampler's order for epoch 0
-    order = torch.randperm(len(labels), generator=g)
+    order = torch.randperm(len(labels), generator=g).to(device)
     start = time.perf_counter()
     for k in range(len(labels) // BATCH):
         idx = order[k * BATCH:(k + 1) * BATCH]
@@ -72,7 +79,8 @@ def by_hand(samples: int) -> tuple[float, torch.Tensor]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    _sync(device)
+    return time.perf_counter() - start, torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ class CifarTask(Task[CifarConfig]):
         self.source = ""  # which data this run trains on, for the start-up table
 
     def build_model(self) -> nn.Module:
-        model = build_model(self.cfg.model.name, self.cfg.model.width)
+        model = build_model(self.cfg.model.name, self.cfg.model.width, widths=self.cfg.model.widths)
         if self.cfg.model.name == "airbench" and self.train_images is not None:
             # The same images on every rank, so every rank computes the same filters.
             init_whitening(whitening_layer(model), self.normalize(self.train_images[:WHITENING_IMAGES]))

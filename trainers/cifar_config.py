@@ -8,6 +8,10 @@ from trainers.core.config import (Config, ConfigError, DataConfig, EvalConfig, M
                                   redefault, setting)
 
 
+def _positive_widths(value: tuple[int, ...]) -> str | None:
+    return None if len(value) == 3 and all(w > 0 for w in value) else f"is {list(value)}; give three positive widths"
+
+
 @dataclass(frozen=True)
 class CifarData(DataConfig):
     root: str = setting("data", "folder that holds (or will receive) `cifar-10-batches-py`")
@@ -25,6 +29,9 @@ class CifarModel(ModelConfig):
                         "network, whitening set from the training images) or `tiny` (a small CNN for tests and demos)",
                         choices=("resnet18", "airbench", "tiny"))
     width: int = setting(64, "channels of the first stage (`tiny` only; the others keep their own)", gt=0)
+    widths: tuple[int, int, int] = setting((64, 256, 256), "`airbench` only: channels of its three conv groups "
+                                           "(the recipe's 64/256/256 are sized for a GPU; configs/cifar_fast_cpu.yaml "
+                                           "has a CPU's)", check=_positive_widths)
     whiten_bias_epochs: float = setting(0.0, "`airbench` only: the whitening layer's bias learns for this many "
                                         "epochs, then stays fixed (the recipe: 3; 0: it learns throughout)", ge=0)
 
@@ -66,6 +73,9 @@ class CifarConfig(Config):
         if self.model.name != "tiny" and self.model.width != 64:
             raise ConfigError(f"model.width={self.model.width} applies to model.name=tiny only; {self.model.name} has its "
                               "own widths: leave model.width at 64 or choose model.name=tiny.")
+        if self.model.widths != (64, 256, 256) and self.model.name != "airbench":
+            raise ConfigError(f"model.widths={list(self.model.widths)} applies to model.name=airbench only; for "
+                              f"{self.model.name} leave it at [64,256,256] (model.width sets the tiny CNN's).")
         if self.model.whiten_bias_epochs and self.model.name != "airbench":
             raise ConfigError(f"model.whiten_bias_epochs={self.model.whiten_bias_epochs:g} applies to model.name="
                               f"airbench only ({self.model.name} has no whitening layer); set it to 0.")

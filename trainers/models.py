@@ -96,10 +96,12 @@ def whitening_layer(model: nn.Module) -> nn.Conv2d:
     return first
 
 
-def build_model(name: str, width: int, num_classes: int = 10) -> nn.Module:
-    """The model named by ``model.name`` (``width`` is the tiny CNN's; CifarConfig.check rejects it for the others)."""
+def build_model(name: str, width: int, num_classes: int = 10,
+                widths: tuple[int, int, int] = (64, 256, 256)) -> nn.Module:
+    """The model named by ``model.name`` (``width`` is the tiny CNN's, ``widths`` the airbench net's; CifarConfig.check
+    rejects them for the other models)."""
     if name == "tiny":
         return tiny_cnn(num_classes, width)
     if name == "airbench":
-        return airbench_net(num_classes)
+        return airbench_net(num_classes, tuple(widths))  # type: ignore[arg-type]
     return cifar_resnet18(num_classes)
