@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 # 5-6 GB of the CUDA build. If their index cannot be reached, pip's default index is used instead.
 CPU         ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# What to install from that index; CI pins the releases the project was last verified with.
+TORCH_PKGS  ?= torch torchvision
 
 .PHONY: demo test install clean gpu-check
 
@@ -16,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	@if [ "$(CPU)" = "1" ]; then \
 		echo "no GPU here (or CPU=1): installing torch's CPU build from $(TORCH_INDEX)"; \
-		$(BIN)/pip install --quiet --retries 1 --timeout 15 --index-url $(TORCH_INDEX) torch torchvision \
+		$(BIN)/pip install --quiet --retries 1 --timeout 15 --index-url $(TORCH_INDEX) $(TORCH_PKGS) \
 			|| echo "$(TORCH_INDEX) cannot be reached: torch comes from the default index instead"; \
 	fi
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -108,7 +108,7 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
     init_whitening(whitening_layer(model), norm_train[:5000].float())
     if half:
         model = _half_net(model)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
     kilostep = 1024 * (1 + 1 / (1 - MOMENTUM))
     lr, wd = LR / kilostep, WEIGHT_DECAY * batch / kilostep
     lr_b = lr * BIAS_SCALER
@@ -128,7 +128,7 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
     step = 0
     model.train()
     for epoch in range(epochs):
-        whitening_layer(model).bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS  # type: ignore[union-attr]
+        whitening_layer(model).bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS  # type: ignore[union-attr, unused-ignore]
         shifts = torch.randint(0, 5, (train, 2), device=device)
         epoch_images = shifted_crops(padded, shifts, (32, 32))
         mirror = flipped_once ^ bool(epoch % 2)

@@ -60,7 +60,7 @@ def _whiten(net: Net, images: torch.Tensor, eps: float = 5e-4) -> None:
     filters = (vectors.T / torch.sqrt(values + eps)[:, None]).flip(0).reshape(-1, 3, 2, 2)
     with torch.no_grad():
         net.whiten.weight.copy_(torch.cat([filters, -filters]))
-        net.whiten.bias.zero_()  # type: ignore[union-attr]
+        net.whiten.bias.zero_()  # type: ignore[union-attr, unused-ignore]
 
 
 def _schedule(step: int, total: int) -> float:
@@ -85,7 +85,7 @@ def train_and_evaluate(train_images: torch.Tensor, train_labels: torch.Tensor, t
     """Train from scratch and evaluate with test-time augmentation: (seconds, test accuracy). Timed from the
     whitening set-up to the last prediction, as airbench times itself."""
     torch.manual_seed(seed)
-    net = Net(widths).to(memory_format=torch.channels_last)
+    net = Net(widths).to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
     start = time.perf_counter()
     x = ((train_images.float() / 255 - MEAN) / STD).contiguous(memory_format=torch.channels_last)
     _whiten(net, x[:5000])
@@ -103,7 +103,7 @@ def train_and_evaluate(train_images: torch.Tensor, train_labels: torch.Tensor, t
     flip_once = torch.rand(len(x)) < 0.5
     net.train()
     for epoch in range(epochs):
-        net.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)  # type: ignore[union-attr]
+        net.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)  # type: ignore[union-attr, unused-ignore]
         dy, dx = torch.randint(0, 5, (2, len(x)))
         rows = (dy[:, None] + torch.arange(32))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(32))[:, None, None, :]

@@ -129,7 +129,8 @@ def spread(model: nn.Module, device: torch.device, world_size: int, *, sync_bn: 
         model = convert_sync_batchnorm(model, device)
     model = model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # The stubs of some torch releases leave memory_format out of Module.to's overloads.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
     if compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return wrap_ddp(model, device, world_size)
