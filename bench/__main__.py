@@ -334,6 +334,30 @@ def cpu_recipe_row(rp: RowPlan, repeats: int, quick: bool, data: Path | None) ->
     return gated(row, statistics.median(accuracy["cpu"]), statistics.median(accuracy["full"]))
 
 
+def lm_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
+    """Tokens/s of the language-model task through the toolkit vs a hand-written nanoGPT-style loop (same model,
+    windows, order and AdamW, fp32, one device; identical weights), with the model's FLOPs per token and the FLOP/s
+    the toolkit achieves (to read against the hardware's peak)."""
+    from bench.lm_overhead import by_hand, flops, toolkit
+
+    device, extra = torch.device(rp.device), (["data.synthetic_bytes=32768"] if quick else [])
+    kit, hand, identical = [], [], True
+    for _ in range(repeats):  # interleaved
+        seconds, tokens, w_kit = toolkit(device, extra)
+        kit.append(seconds / tokens)
+        seconds, tokens, w_hand = by_hand(device, extra)
+        hand.append(seconds / tokens)
+        identical = identical and torch.equal(w_kit, w_hand)
+    per_token = flops(extra)
+    rate = 1 / statistics.median(kit)
+    row = at_most(rp, "toolkit vs a nanoGPT-style loop (time per token)", statistics.median(kit) /
+                  statistics.median(hand), 1.05, f"{rate:,.0f} vs {1 / statistics.median(hand):,.0f} tokens/s, "
+                  f"{'identical weights' if identical else 'WEIGHTS DIFFER'}, {per_token / 1e6:.2f} MFLOP/token, "
+                  f"{rate * per_token / 1e9:.2f} GFLOP/s")
+    row.met = bool(row.met) and identical
+    return row
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.node()}: {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
@@ -356,7 +380,7 @@ RUNNERS: dict[str, Callable[[RowPlan, int, bool], Row]] = {
     "loader": loader_row, "trainer overhead": overhead_row, "data parallel": data_parallel_row,
     "logging": logging_row, "checkpoint (sync)": checkpoint_row, "checkpoint (async)": checkpoint_row,
     "stop check": stop_check_row, "loop overhead": loop_overhead_row, "against the reference": reference_row,
-    "device defaults": defaults_row,
+    "device defaults": defaults_row, "LM tokens/s": lm_row,
 }
 
 

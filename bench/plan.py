@@ -54,7 +54,8 @@ class RowPlan:
 
 
 ROW_NAMES = ("loader", "trainer overhead", "data parallel", "logging", "checkpoint (sync)", "checkpoint (async)",
-             "stop check", "loop overhead", "against the reference", "device defaults", "CPU fast recipe")
+             "stop check", "loop overhead", "against the reference", "device defaults", "CPU fast recipe",
+             "LM tokens/s")
 
 
 def plan(hardware: Hardware) -> list[RowPlan]:
@@ -77,4 +78,5 @@ def plan(hardware: Hardware) -> list[RowPlan]:
         RowPlan("device defaults", 1, one, "auto vs fp32, NCHW, eager", "all three off"),
         RowPlan("CPU fast recipe", 1, "cpu", "fp32", "configs/cifar_fast.yaml at full width",
                 skipped="a recipe for CPUs: on this GPU host the full-width recipe is the one to run" if cuda else ""),
+        RowPlan("LM tokens/s", 1, one, "fp32", "a hand-written nanoGPT-style loop (identical weights)"),
     ]

@@ -19,7 +19,10 @@ COMMON = "trainers.core.config:Config"
 
 
 def _cell(value: Any) -> str:
-    return "(empty)" if value == "" else f"`{yaml_scalar(value)}`"
+    shown = yaml_scalar(value)
+    if isinstance(shown, str):
+        shown = shown.encode("unicode_escape").decode()  # a newline as \n: one table row stays one line
+    return "(empty)" if value == "" else f"`{shown}`"
 
 
 def key_table(schema: type, base: type | None = None) -> str:

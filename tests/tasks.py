@@ -46,6 +46,10 @@ def load_example(name: str = "custom_task") -> ModuleType:
 def task_class(name: str) -> Any:
     if name == "waves":
         return load_example().WaveTask
+    if name == "lm":
+        from trainers.lm import LMTask
+
+        return LMTask
     return {"cifar": CifarTask, "nonorm": NoNormTask}[name]
 
 
@@ -72,6 +76,9 @@ def task_config(task: str, overrides: list[str]) -> Any:
     """The debug config for CIFAR tasks; the task's own defaults for the others."""
     if task in ("cifar", "nonorm"):
         return debug_config(overrides)
+    if task == "lm":
+        return load_config(REPO / "configs" / "lm_debug.yaml", ["run.progress=quiet", "checkpoint.resume=never",
+                                                                *overrides], schema=task_class(task).config)
     return load_config(None, ["run.progress=quiet", "checkpoint.resume=never", *overrides],
                        schema=task_class(task).config)
 

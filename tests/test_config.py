@@ -325,7 +325,8 @@ def test_replace_unknown_leaf_raises():
         replace(load_config(), train={"epoch": 3})
 
 
-@pytest.mark.parametrize("spec", ["common", "trainers.cifar:CifarConfig", "trainers.imagefolder:FolderConfig"])
+@pytest.mark.parametrize("spec", ["common", "trainers.cifar:CifarConfig", "trainers.imagefolder:FolderConfig",
+                                  "trainers.lm:LMConfig"])
 def test_readme_key_tables_are_generated_from_the_schemas(spec: str) -> None:
     from launcher.keytable import main as keytable
 

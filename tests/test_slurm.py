@@ -80,12 +80,15 @@ def _job_name(kind: str) -> str:
     return f"test-slurm-{kind}-{uuid.uuid4().hex[:8]}"
 
 
-def test_srun_two_ranks_train_cifar(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", [["trainers.cifar", "--config", str(DEBUG_CONFIG), "train.epochs=1"],
+                                  ["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml"),
+                                   "data.synthetic_bytes=20000", "train.max_steps=6", "sample.tokens=20"]],
+                         ids=["cifar", "lm"])
+def test_srun_two_ranks_train(tmp_path: Path, task: list[str]) -> None:
     run_dir = tmp_path / "run"
     name = _job_name("srun")
     cmd = ["srun", f"--job-name={name}", "--ntasks=2", "--nodes=1", "--kill-on-bad-exit=1", "--time=5",
-           f"--chdir={REPO}", sys.executable, "-m", "trainers.cifar", "--config", str(DEBUG_CONFIG),
-           f"run.dir={run_dir}", "train.epochs=1", "run.progress=lines"]
+           f"--chdir={REPO}", sys.executable, "-m", *task, f"run.dir={run_dir}", "run.progress=lines"]
     result = _run_job(cmd, name)
     out = result.stdout
     assert result.returncode == 0, f"srun exited {result.returncode}:\n{out[-4000:]}"

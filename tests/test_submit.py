@@ -111,12 +111,15 @@ def test_submit_help_lists_every_flag() -> None:
 # ------------------------------------------------------------------------ local executor jobs
 
 
-def test_local_two_ranks_complete_and_report_the_run_directory(tmp_path: Path) -> None:
-    result = run_command(submit_cmd("--local", "--tasks-per-node", "2", "--wait", "-m", "trainers.cifar",
-                                    "--config", str(DEBUG_CONFIG), "run.progress=lines"), cwd=tmp_path, timeout=300,
-                         env=job_environ())
+@pytest.mark.parametrize("task, name", [(["trainers.cifar", "--config", str(DEBUG_CONFIG)], "cifar-debug"),
+                                        (["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml"),
+                                          "data.synthetic_bytes=20000", "train.max_steps=6"], "lm-debug")],
+                         ids=["cifar", "lm"])
+def test_local_two_ranks_complete_and_report_the_run_directory(tmp_path: Path, task: list[str], name: str) -> None:
+    result = run_command(submit_cmd("--local", "--tasks-per-node", "2", "--wait", "-m", *task, "run.progress=lines"),
+                         cwd=tmp_path, timeout=300, env=job_environ())
     assert result.returncode == 0, result.stdout + result.stderr
-    run_dirs = list((tmp_path / "runs").glob("cifar-debug-*"))
+    run_dirs = list((tmp_path / "runs").glob(f"{name}-*"))
     assert len(run_dirs) == 1 and str(run_dirs[0]) in result.stdout, result.stdout
     start = records(run_dirs[0], "start")
     assert start and start[0]["world_size"] == 2 and start[0]["launcher"] == "submitit", start

@@ -47,6 +47,7 @@ def keys_help(schema: type[Config]) -> str:
     lines = ["configuration keys (key=value):"]
     for leaf in leaves(schema):
         default = yaml_scalar(leaf.default)
+        default = default.encode("unicode_escape").decode() if isinstance(default, str) else default
         lines.append(f"  {leaf.key} ({_type_name(leaf.type)}, default {'(empty)' if default == '' else default}): "
                      f"{_plain(leaf.doc)}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ Overridable, with defaults:
     transform             per-batch transforms on the device (normalisation, augmentation)
     build_optimizer / build_scheduler   from ``optim.*`` / ``sched.*``, or your own
     after_step            called after every optimizer step (weight averaging such as EMA or Lookahead)
+    after_evaluation      called after each evaluation (e.g. sampling from a language model)
     describe              extra rows for the start-up table
     state                 extra objects to checkpoint (anything with state_dict/load_state_dict)
 """
@@ -134,6 +135,11 @@ class Task(Generic[C]):
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called on every rank after each optimizer step (``step`` counts from 1), with the unwrapped model:
         for weight averaging such as EMA or Lookahead. Keep its state in ``state()`` so that it resumes."""
+
+    def after_evaluation(self, model: nn.Module, results: dict[str, Any], step: int, last: bool) -> None:
+        """Called on every rank after each evaluation (``last``: the final one), with the bare model and the
+        reduced results: for work that reads the trained model, such as sampling text. Rank-0-only work checks the
+        rank itself; a collective here must be reached by every rank."""
 
     def describe(self) -> dict[str, str]:
         """Extra rows for the start-up table, e.g. ``{"data": "real CIFAR-10 at data/"}`` (after build_data)."""

@@ -157,6 +157,7 @@ class Trainer:
             result = self.evaluate()
             self.sink.print(f"epoch {epoch}  {describe(result)}  ({result['test_samples']} samples)")
             self.sink.metric({"kind": "eval", "epoch": epoch, "step": self.state.global_step, **result})
+            self.task.after_evaluation(unwrap(self.model), result, self.state.global_step, last=self._finished())
         if not self._finished():  # the last checkpoint is the final one
             self.checkpointer.maybe_save(self.state.global_step, epochs_done=epoch + 1,
                                          metric=self._best_value(result))
