@@ -25,7 +25,7 @@ from trainers.gpt import GPT, flops_per_token
 from trainers.lm import LMConfig, LMTask
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = ["data.synthetic_bytes=131072", "train.batch_size=32", "train.grad_clip=0", "optim.weight_decay=0",
+SETTINGS = ["data.synthetic_bytes=524288", "train.batch_size=32", "train.grad_clip=0", "optim.weight_decay=0",
             "sched.name=constant", "sched.warmup_epochs=0", "train.epochs=1", "model.dropout=0", "sample.tokens=0",
             "train.precision=fp32", "model.compile=false", "checkpoint.every_epochs=0", "run.progress=quiet",
             "checkpoint.resume=never"]

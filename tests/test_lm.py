@@ -15,6 +15,7 @@ from launcher.errors import DatasetUnavailable
 from launcher.signals import PREEMPTED_EXIT_CODE
 from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, train_trace
+from trainers.lm import sample_command
 from trainers.lm_data import MarkovSource, read_corpus
 
 LM = [PYTHON, "-m", "trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml")]
@@ -41,7 +42,7 @@ def test_it_learns_a_markov_source_to_within_0_1_nats_of_its_entropy_rate(tmp_pa
 def test_exact_evaluation_at_world_sizes_1_2_3(tmp_path: Path) -> None:
     # 19,300 bytes: 1,930 held out, whose 1,929 predicted tokens make 61 windows of 32 (the last one shorter),
     # a number that neither 2 nor 3 divides
-    overrides = [*SMALL, "data.synthetic_bytes=19300", "eval.batch_size=12"]
+    overrides = [*SMALL, "data.synthetic_bytes=19300", "train.batch_size=12", "eval.batch_size=12"]
     results = {w: run_ranks(evaluate_initial, w, overrides, str(tmp_path / f"w{w}"), "lm") for w in (1, 2, 3)}
     reference = results[1][0]
     windows = reference["test_samples"]
@@ -58,8 +59,10 @@ def test_two_ranks_train_like_one_process(tmp_path: Path) -> None:
     one = run_ranks(train_trace, 1, "lm", common, str(tmp_path / "one"))[0]
     two = run_ranks(train_trace, 2, "lm", common, str(tmp_path / "two"))
     assert all(torch.equal(a, b) for a, b in zip(two[0], two[1])), "the ranks hold different weights"
+    # Adam divides by the gradient's running size, so a weight whose gradient is ~0 can move by up to ~lr on
+    # reduction-order noise alone: atol sits well below one step's update (lr 3e-3) and far above that noise.
     for step, (a, b) in enumerate(zip(two[0], one), start=1):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"after step {step}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m: f"after step {step}: {m}")
     assert not torch.equal(one[0], one[-1])
 
 
@@ -81,17 +84,21 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert losses[0] == losses[1], "the same losses, each step logged once"
 
 
-def test_sampling_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+def test_sampling_is_deterministic_for_a_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     assert run_command([*LM, *SMALL, "train.max_steps=3", f"run.dir={run_dir}", "sample.tokens=0"],
                        timeout=300).returncode == 0
-    sample = [PYTHON, "-m", "trainers.lm", "sample", str(run_dir), "--tokens", "40", "--prompt", "the "]
-    first, again, other = (run_command([*sample, "--seed", seed], timeout=120) for seed in ("1", "1", "2"))
+    first = run_command([PYTHON, "-m", "trainers.lm", "sample", str(run_dir), "--tokens", "40", "--prompt", "the ",
+                         "--seed", "1"], timeout=120)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == again.stdout and first.stdout != other.stdout
     assert first.stdout.startswith("the ") and len(first.stdout.encode()) >= 40
-    missing = run_command([PYTHON, "-m", "trainers.lm", "sample", str(tmp_path / "nope")], timeout=120)
-    assert missing.returncode == 2 and "config.yaml" in missing.stderr and "Traceback" not in missing.stderr
+    outputs = []  # the same command in this process: the same text for the same seed, another for another
+    for seed in ("1", "2"):
+        assert sample_command([str(run_dir), "--tokens", "40", "--prompt", "the ", "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == first.stdout and outputs[1] != first.stdout
+    assert sample_command([str(tmp_path / "nope")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, problem", [(None, "does not exist"), (b"", "is empty"),

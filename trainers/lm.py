@@ -90,6 +90,7 @@ class LMTask(Task[LMConfig]):
         self.train_tokens = self.eval_tokens = torch.empty(0, dtype=torch.int64)
         self.rank, self.source = 0, ""
         self._offsets: tuple[tuple[int, int, torch.device], torch.Tensor] | None = None
+        self._arange: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
     def build_data(self, rt: Runtime) -> tuple[TensorSplit, TensorSplit]:
@@ -137,8 +138,10 @@ class LMTask(Task[LMConfig]):
         (index,) = batch
         seq = self.cfg.data.seq_len
         if info.train:
-            tokens = self._on(index.device, "train")
-            return _windows(tokens, self._train_offsets(info.seed, info.epoch, index.device)[index], seq)
+            # Training windows always fit (offsets < len - seq): one gather, no padding.
+            starts = self._train_offsets(info.seed, info.epoch, index.device)[index]
+            windows = self._on(index.device, "train")[starts[:, None] + self._span(index.device)]
+            return windows[:, :-1], windows[:, 1:]
         return _windows(self._on(index.device, "eval"), index * seq, seq)
 
     def _on(self, device: torch.device, part: str) -> torch.Tensor:
@@ -149,6 +152,12 @@ class LMTask(Task[LMConfig]):
             tokens = tokens.to(device)
             setattr(self, name, tokens)
         return tokens
+
+    def _span(self, device: torch.device) -> torch.Tensor:
+        """0 .. seq_len, on ``device`` (made once)."""
+        if self._arange is None or self._arange.device != device:
+            self._arange = torch.arange(self.cfg.data.seq_len + 1, device=device)
+        return self._arange
 
     def _train_offsets(self, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
         """Every training sample's window start in this epoch: a pure function of (seed, epoch, sample index)."""
