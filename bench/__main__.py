@@ -358,6 +358,30 @@ def lm_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     return row
 
 
+_SHARDED: dict[tuple[str, int, bool], dict[str, dict[str, float]]] = {}
+
+
+def sharded_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
+    """FSDP against DDP on 2 ranks of lm_debug (bench/sharded.py), measured once for the four rows."""
+    from bench.sharded import compare
+
+    key = (rp.device, repeats, quick)
+    if key not in _SHARDED:
+        _SHARDED[key] = compare(repeats, [*rp.overrides(), *(["data.synthetic_bytes=32768"] if quick else [])])
+    m = _SHARDED[key]
+    ddp, fsdp = m["ddp"], m["fsdp"]
+    if rp.name == "FSDP step time":
+        ratio = fsdp["step_s"] / ddp["step_s"]
+        return Row(rp.name, f"FSDP vs DDP (time per step) [{where(rp)}]", ratio, "reported", True,
+                   f"{fsdp['step_s'] * 1000:.1f} vs {ddp['step_s'] * 1000:.1f} ms")
+    if rp.name == "FSDP memory":
+        return at_most(rp, "FSDP vs DDP (bytes per rank)", fsdp["bytes"] / ddp["bytes"], 0.55,
+                       f"{fsdp['bytes']:,.0f} vs {ddp['bytes']:,.0f} bytes in weights, gradients, optimizer state")
+    r = m["fsdp-async"] if "async" in rp.name else fsdp
+    return at_most(rp, "blocked by one sharded save / epoch", r["blocked_s"] / r["epoch_s"], 0.02,
+                   f"{r['blocked_s'] * 1000:.1f} ms of a {r['epoch_s']:.2f} s epoch")
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.node()}: {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, "
@@ -380,7 +404,8 @@ RUNNERS: dict[str, Callable[[RowPlan, int, bool], Row]] = {
     "loader": loader_row, "trainer overhead": overhead_row, "data parallel": data_parallel_row,
     "logging": logging_row, "checkpoint (sync)": checkpoint_row, "checkpoint (async)": checkpoint_row,
     "stop check": stop_check_row, "loop overhead": loop_overhead_row, "against the reference": reference_row,
-    "device defaults": defaults_row, "LM tokens/s": lm_row,
+    "device defaults": defaults_row, "LM tokens/s": lm_row, "FSDP step time": sharded_row, "FSDP memory": sharded_row,
+    "sharded checkpoint (sync)": sharded_row, "sharded checkpoint (async)": sharded_row,
 }
 
 

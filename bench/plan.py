@@ -55,7 +55,7 @@ class RowPlan:
 
 ROW_NAMES = ("loader", "trainer overhead", "data parallel", "logging", "checkpoint (sync)", "checkpoint (async)",
              "stop check", "loop overhead", "against the reference", "device defaults", "CPU fast recipe",
-             "LM tokens/s")
+             "LM tokens/s", "FSDP step time", "FSDP memory", "sharded checkpoint (sync)", "sharded checkpoint (async)")
 
 
 def plan(hardware: Hardware) -> list[RowPlan]:
@@ -79,4 +79,8 @@ def plan(hardware: Hardware) -> list[RowPlan]:
         RowPlan("CPU fast recipe", 1, "cpu", "fp32", "configs/cifar_fast.yaml at full width",
                 skipped="a recipe for CPUs: on this GPU host the full-width recipe is the one to run" if cuda else ""),
         RowPlan("LM tokens/s", 1, one, "fp32", "a hand-written nanoGPT-style loop (identical weights)"),
+        RowPlan("FSDP step time", 2, two, "fp32", "DDP at 2 ranks (reported, no target)"),
+        RowPlan("FSDP memory", 2, two, "fp32", "one DDP rank's weights, gradients and optimizer state"),
+        RowPlan("sharded checkpoint (sync)", 2, two, "fp32", "an epoch of lm_debug"),
+        RowPlan("sharded checkpoint (async)", 2, two, "fp32", "an epoch of lm_debug"),
     ]

@@ -73,6 +73,9 @@ class DistConfig:
                           choices=("auto", "cuda", "cpu"), changes_run=False)
     timeout_s: float = setting(600.0, "collective timeout: a rank that stops answering fails the job after this, "
                                "naming the phase", gt=0, changes_run=False)
+    strategy: str = setting("ddp", "`ddp` (every rank holds the whole model; single-file checkpoints) or `fsdp` "
+                            "(FSDP2: parameters, gradients and optimizer state sharded over the ranks; sharded "
+                            "checkpoints that load at any world size)", choices=("ddp", "fsdp"))
 
 
 def _sbatch_options(options: tuple[str, ...]) -> str | None:

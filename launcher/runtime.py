@@ -9,6 +9,7 @@ Single-process runs are the world-size-1 case of the same code: every collective
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -357,7 +358,15 @@ def distributed(cfg: DistConfig, env: DistEnv | None = None, device: torch.devic
                 _leave_together(rt)
             except CollectiveError:
                 pass  # the error that ends the run matters more
+        # The traceback's frames hold the trainer (its DDP or FSDP model holds the process group): free their
+        # locals, so that everything tied to the group goes below, while the group is alive.
+        traceback.clear_frames(e.__traceback__)
         raise
     finally:
         if dist.is_initialized():
+            # Objects tied to the process group (DDP's reducer, FSDP's device mesh) sit in reference cycles; freed
+            # only at interpreter exit, after the group, they can abort the process ("terminate called without an
+            # active exception"). Collect them now, while the group is alive, then tear it down.
+            gc.collect()
             dist.destroy_process_group()
+            rt.control = None

@@ -54,7 +54,9 @@ def task_class(name: str) -> Any:
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    """Every parameter whole (a sharded one is gathered: a collective), flattened into one tensor."""
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([p.detach().reshape(-1).clone() for p in full])
 
 
 class TracingTrainer(Trainer):
@@ -105,6 +107,29 @@ def evaluate_initial(overrides: list[str], run_dir: str, task: str = "cifar") ->
         result = trainer.evaluate()
         trainer.sink.close()
         return {**result, "rank": rt.rank, "world": int(os.environ["WORLD_SIZE"])}
+
+
+def shard_bytes(task: str, overrides: list[str], run_dir: str) -> dict[str, int]:
+    """Rank function: the bytes this rank holds in parameters, gradients and optimizer state after one step (its
+    local shards under FSDP)."""
+    from trainers.core.sharding import local
+    from trainers.core.task import BatchInfo
+
+    torch.set_num_threads(1)
+    cfg = task_config(task, [f"run.dir={run_dir}", *overrides])
+    with distributed(cfg.dist) as rt:
+        trainer = Trainer(task_class(task)(cfg), rt, Path(run_dir))
+        batch, index = next(iter(trainer.train_loader.epoch(cfg.run.seed, 0)))
+        batch = trainer.prepare_batch(batch, BatchInfo(index, 0, cfg.run.seed, train=True))
+        trainer.task.loss(trainer.task.forward(trainer.model, batch), batch).backward()
+        trainer.optimizer.step()
+        params = list(trainer.model.parameters())
+        size = {"parameters": sum(local(p).nbytes for p in params),
+                "gradients": sum(local(p.grad).nbytes for p in params if p.grad is not None),
+                "optimizer": sum(local(t).nbytes for s in trainer.optimizer.state.values() for t in s.values()
+                                 if isinstance(t, torch.Tensor) and t.dim() > 0)}
+        trainer.sink.close()
+        return {**size, "total": sum(size.values())}
 
 
 def runtime_identity() -> dict[str, Any]:

@@ -82,8 +82,9 @@ def _job_name(kind: str) -> str:
 
 @pytest.mark.parametrize("task", [["trainers.cifar", "--config", str(DEBUG_CONFIG), "train.epochs=1"],
                                   ["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml"),
-                                   "data.synthetic_bytes=20000", "train.max_steps=6", "sample.tokens=20"]],
-                         ids=["cifar", "lm"])
+                                   "data.synthetic_bytes=20000", "train.max_steps=6", "sample.tokens=20",
+                                   "dist.strategy=fsdp"]],
+                         ids=["cifar", "lm-fsdp"])
 def test_srun_two_ranks_train(tmp_path: Path, task: list[str]) -> None:
     run_dir = tmp_path / "run"
     name = _job_name("srun")

@@ -113,8 +113,9 @@ def test_submit_help_lists_every_flag() -> None:
 
 @pytest.mark.parametrize("task, name", [(["trainers.cifar", "--config", str(DEBUG_CONFIG)], "cifar-debug"),
                                         (["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml"),
-                                          "data.synthetic_bytes=20000", "train.max_steps=6"], "lm-debug")],
-                         ids=["cifar", "lm"])
+                                          "data.synthetic_bytes=20000", "train.max_steps=6", "dist.strategy=fsdp"],
+                                         "lm-debug")],
+                         ids=["cifar", "lm-fsdp"])
 def test_local_two_ranks_complete_and_report_the_run_directory(tmp_path: Path, task: list[str], name: str) -> None:
     result = run_command(submit_cmd("--local", "--tasks-per-node", "2", "--wait", "-m", *task, "run.progress=lines"),
                          cwd=tmp_path, timeout=300, env=job_environ())
@@ -124,6 +125,8 @@ def test_local_two_ranks_complete_and_report_the_run_directory(tmp_path: Path, t
     start = records(run_dirs[0], "start")
     assert start and start[0]["world_size"] == 2 and start[0]["launcher"] == "submitit", start
     assert (run_dirs[0] / "model.pt").is_file()
+    if "dist.strategy=fsdp" in task:  # sharded: one checkpoint folder written by both ranks
+        assert (run_dirs[0] / "checkpoints" / "step-00000006" / "__1_0.distcp").is_file()
 
 
 def test_local_job_stopped_by_submitits_signal_requeues_and_matches(tmp_path: Path) -> None:

@@ -184,10 +184,13 @@ class LMTask(Task[LMConfig]):
 
     # ------------------------------------------------------------------ samples of generated text
     def after_evaluation(self, model: nn.Module, results: dict[str, Any], step: int, last: bool) -> None:
-        if self.rank != 0 or not (last or self.cfg.sample.every_eval) or not self.cfg.sample.tokens:
+        if not (last or self.cfg.sample.every_eval) or not self.cfg.sample.tokens:
             return
+        # Every rank generates the same text (the same weights and seed): a sharded model's forward is a collective.
         text = sample_text(model, self.cfg.sample.prompt, self.cfg.sample.tokens, self.cfg.sample.temperature,
                            self.cfg.sample.top_k, self.cfg.sample.seed, self.corpus is None or self.corpus.byte_level)
+        if self.rank != 0:
+            return
         print(f"sample at step {step}:\n{self.cfg.sample.prompt}{text}", flush=True)
         with open(Path(self.cfg.run.dir) / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"--- step {step} (temperature {self.cfg.sample.temperature:g}, top_k {self.cfg.sample.top_k}, "

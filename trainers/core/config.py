@@ -107,6 +107,12 @@ class ModelConfig(_Keys):
     init_from: str = setting("", "start from these weights: a `model.pt`, a checkpoint of this toolkit or a plain "
                              "state_dict; matching keys load, the rest is reported", check=_existing_file_or_empty)
     freeze: str = setting("", "comma-separated parameter name prefixes to freeze, e.g. `conv1,layer1`")
+    shard_units: str = setting("", "`dist.strategy=fsdp`: the modules sharded one by one, comma-separated dotted "
+                               "paths (e.g. `layer1,layer2`); empty: each block of a transformer's `blocks`, else "
+                               "the model's top-level parts", changes_run=False)
+    activation_checkpointing: bool = setting(False, "`dist.strategy=fsdp`: recompute each shard unit's activations "
+                                             "in the backward pass instead of keeping them (less memory, ~1/3 "
+                                             "more compute)", changes_run=False)
 
 
 @dataclass(frozen=True)

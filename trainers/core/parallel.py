@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainers.core.data import tree_map
+from trainers.core.sharding import ShardPlan, gradient_sync, shard
 
 
 def _global_sum(x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +122,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def spread(model: nn.Module, device: torch.device, world_size: int, *, sync_bn: bool, channels_last: bool,
-           compile: bool) -> nn.Module:
+           compile: bool, sharding: ShardPlan | None = None) -> nn.Module:
     """The model as every rank trains it: BatchNorm synchronised across ranks (``sync_bn``), on the device,
     NHWC (``channels_last``), compiled (``compile``, inside DDP so that no_sync and unwrap see DDP on the
-    outside) and wrapped in DDP when there is more than one rank."""
+    outside) and wrapped in DDP when there is more than one rank; or, with a ``sharding`` plan and more than one
+    rank, sharded by FSDP2 instead of DDP."""
+    if sharding is not None and world_size > 1:
+        model = shard(model, device, world_size, sharding)
+        return model.to(memory_format=torch.channels_last) if channels_last else model  # type: ignore[call-overload, unused-ignore]
     if sync_bn and world_size > 1:
         model = convert_sync_batchnorm(model, device)
     model = model.to(device)
@@ -153,10 +158,13 @@ def to_memory_format(batch: Any, channels_last: bool) -> Any:
 
 
 def maybe_no_sync(model: nn.Module, sync: bool) -> ContextManager[None]:
-    """DDP's no_sync on accumulation micro-steps that must not all-reduce gradients yet."""
-    if sync or not isinstance(model, DDP):
+    """DDP's no_sync (FSDP's deferred reduce-scatter) on accumulation micro-steps that must not reduce
+    gradients yet."""
+    if sync:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if isinstance(model, DDP):
+        return model.no_sync()
+    return gradient_sync(model, sync)
 
 
 def _strip_key(key: str, prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> str:

@@ -16,8 +16,9 @@ import torch.nn as nn
 from launcher.config import ConfigError
 from launcher.errors import CheckpointError
 from trainers.core.parallel import strip_prefixes, unwrap
+from trainers.core.sharding import ModelShards, OptimizerShards
 
-__all__ = ["Stateful", "TrainState", "ModelState", "Registry"]
+__all__ = ["Stateful", "TrainState", "ModelState", "Registry", "weights_and_optimizer"]
 
 
 @runtime_checkable
@@ -110,3 +111,11 @@ class Registry:
                 "a new run.dir (model.init_from=... takes just the weights).")
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
+
+
+def weights_and_optimizer(model: nn.Module, optimizer: Any, sharded: bool) -> dict[str, Stateful]:
+    """The registry's ``model`` and ``optimizer`` entries: whole tensors with plain keys, or (``sharded``, for
+    torch.distributed.checkpoint) each rank's shards keyed by parameter name."""
+    if sharded:
+        return {"model": ModelShards(model), "optimizer": OptimizerShards(model, optimizer)}
+    return {"model": ModelState(model), "optimizer": optimizer}

@@ -36,7 +36,8 @@ from trainers.core.parallel import broadcast_buffers, maybe_no_sync, spread, to_
 from trainers.core.pretrained import freeze, init_from
 from trainers.core.rng import RankRng, seed_everything
 from trainers.core.sinks import count, make_sink, truncate_metrics
-from trainers.core.state import ModelState, Registry, TrainState
+from trainers.core.sharding import local, shard_plan
+from trainers.core.state import Registry, TrainState, weights_and_optimizer
 from trainers.core.stopping import StopAgreement
 from trainers.core.summary import model_summary
 from trainers.core.task import BatchInfo, Task
@@ -64,8 +65,8 @@ class Trainer:
             self.sampler, self.train_loader, self.eval_loader = build_loaders(
                 cfg, rt.world_size, rt.rank, rt.device, self.train_set, self.eval_set, self.state.seed)
         with rt.agreed("model"):
-            model = self._build_model()
-        self.model = spread(model, rt.device, rt.world_size, sync_bn=cfg.model.sync_bn,  # DDP: a collective
+            model, sharding = self._build_model(), shard_plan(cfg)
+        self.model = spread(model, rt.device, rt.world_size, sync_bn=cfg.model.sync_bn, sharding=sharding,  # collective
                             channels_last=bool(cfg.model.channels_last), compile=bool(cfg.model.compile))
         seed_everything(self.state.seed + rt.rank)  # per-rank streams from here on (dropout etc.)
         with rt.agreed("optimizer"):
@@ -80,12 +81,12 @@ class Trainer:
         self.nonfinite = NonFinite(cfg.train.nonfinite, cfg.train.nonfinite_skips, self.sink.print,
                                    lambda: self.checkpointer.last_good())
         # What every checkpoint holds: the built-in state and the task's own, and each rank's own state.
-        registry = Registry({"model": ModelState(self.model), "optimizer": self.optimizer, "scheduler": self.scheduler,
-                             "scaler": self.amp, "train_state": self.state,
+        registry = Registry({**weights_and_optimizer(self.model, self.optimizer, sharding is not None),
+                             "scheduler": self.scheduler, "scaler": self.amp, "train_state": self.state,
                              **{f"task.{name}": obj for name, obj in task.state().items()}})
         rank_state = Registry({"rng": RankRng(rt.device, rt.rank, lambda: self.state.seed), "losses": self.log.losses})
         self.checkpointer = Checkpointer(cfg.checkpoint, rt, run_dir, registry, rank_state, cfg, self.sink.print,
-                                         prepare=self._sync_buffers, check=self._unfinite)
+                                         prepare=self._sync_buffers, check=self._unfinite, sharded=sharding is not None)
 
     # ----------------------------------------------------------------------------------- building
     def _build_model(self) -> nn.Module:
@@ -244,7 +245,7 @@ class Trainer:
         """What is not finite in this rank's state (its unlogged losses, the weights), or None."""
         if not self.log.losses.finite():
             return "the training loss became NaN or infinite"
-        state = [*self.model.parameters(), *self.model.buffers()]
+        state = [local(t) for t in (*self.model.parameters(), *self.model.buffers())]
         return None if finite_tensors(state) else "the weights (or BatchNorm statistics) became NaN or infinite"
 
     def _sync_buffers(self) -> None:
@@ -258,8 +259,8 @@ class Trainer:
         if self.rt.is_main:  # records past the resumed step (or all, for a fresh start) are redone
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
         if self.resumed_from is not None:
-            self.sink.print(f"Resumed from {self.resumed_from} at epoch {self.state.epoch}, step "
-                            f"{self.state.global_step} ({count(self.state.step_in_epoch, 'step')} into the epoch).")
+            self.sink.print(f"Resumed from {self.resumed_from} at epoch {self.state.epoch}, step {self.state.global_step}"
+                            f" ({count(self.state.step_in_epoch, 'step')} into the epoch).{self.checkpointer.moved()}")
 
     def _announce(self) -> None:
         devices = self.rt.describe_devices()  # a collective: before the rank-0 branch

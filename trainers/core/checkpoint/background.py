@@ -18,6 +18,8 @@ __all__ = ["snapshot", "BackgroundSaver"]
 def snapshot(value: Any) -> Any:
     """A copy of ``value`` whose tensors live in host memory and no longer share storage with the live
     state, so that training may go on changing parameters and optimizer buffers while it is written."""
+    if hasattr(value, "to_local") and hasattr(value, "device_mesh"):  # a shard (DTensor): copy the local part only
+        return _copy_shard(value)
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
@@ -25,6 +27,16 @@ def snapshot(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(snapshot(v) for v in value)
     return copy.deepcopy(value)
+
+
+def _copy_shard(value: Any) -> Any:
+    """A DTensor rebuilt around a host copy of its local shard: the same layout, without DTensor's dispatch (which
+    costs far more than the copy for small shards)."""
+    from torch.distributed.tensor import DTensor
+
+    local = value.to_local().detach().to("cpu", copy=True)
+    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                              stride=value.stride())
 
 
 class BackgroundSaver:

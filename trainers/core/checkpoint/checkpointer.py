@@ -26,11 +26,13 @@ from launcher.config import ConfigError, to_dict
 from launcher.errors import CheckpointError, UserError
 from launcher.runtime import Runtime
 from trainers.core.checkpoint.background import BackgroundSaver
+from trainers.core.checkpoint.sharded import SHARDED_KEYS, ShardedStorage, is_sharded_checkpoint, sharded_storage
 from trainers.core.checkpoint.storage import FileStorage, Storage, load_checkpoint
 from trainers.core.config import CheckpointConfig
 from trainers.core.files import atomic_write
 from trainers.core.nonfinite import Diverged
 from trainers.core.parallel import strip_prefixes
+from trainers.core.sharding import full_state_dict, is_sharded
 from trainers.core.state import Registry
 
 __all__ = ["Checkpointer", "FORMAT", "migrate"]
@@ -84,16 +86,27 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, rt: Runtime, run_dir: Path, registry: Registry, rank_state: Registry,
                  config: Any, log: Callable[[str], None], prepare: Callable[[], None] = lambda: None,
-                 check: Callable[[], str | None] = lambda: None, storage: Storage | None = None) -> None:
+                 check: Callable[[], str | None] = lambda: None, storage: Storage | None = None,
+                 sharded: bool = False) -> None:
         self.cfg, self.rt, self.run_dir = cfg, rt, run_dir
         self.registry, self.rank_state = registry, rank_state
         self.config_record = to_dict(config)  # built once: OmegaConf takes ~10 ms per call
         self.log = log
         self.prepare = prepare  # every rank, before a save: e.g. make rank 0's buffers everyone's
         self.check = check  # every rank, before a save: what is wrong with the state (non-finite weights), or None
-        self.storage = storage or FileStorage(run_dir / "checkpoints", cfg.keep_last, cfg.keep_best, log=log)
+        self.storage = storage or self._storage(sharded)
         self.writer = BackgroundSaver(self.storage) if cfg.async_ else None
         self.saved_at = time.monotonic()
+        self.resumed_world_size: int | None = None  # the world size that wrote the checkpoint resumed from
+
+    def _storage(self, sharded: bool) -> Storage:
+        """Single files written by rank 0, or (``sharded``) folders of DCP shards written by every rank."""
+        folder = self.run_dir / "checkpoints"
+        if not sharded:
+            return FileStorage(folder, self.cfg.keep_last, self.cfg.keep_best, log=self.log)
+        objects = self.registry.objects
+        return sharded_storage(folder, self.cfg.keep_last, self.cfg.keep_best, self.rt.rank,
+                               lambda: {k: objects[k].state_dict() for k in SHARDED_KEYS}, self.cfg.async_, self.log)
 
     # ----------------------------------------------------------------------------------- when
     def due(self, step: int, epochs_done: int | None = None, idle_s: float | None = None) -> bool:
@@ -155,12 +168,16 @@ class Checkpointer:
         self.log(f"checkpoint {path.name}{note}")
 
     def export_model(self, model: nn.Module, replace: bool = True) -> Path:
-        """The final weights alone, as ``model.pt`` (plain keys, written atomically), for inference and
-        fine-tuning; an existing one is kept unless ``replace``."""
+        """The final weights alone, as ``model.pt`` (plain keys, whole tensors, written atomically), for inference
+        and fine-tuning; an existing one is kept unless ``replace``. Every rank calls it (a sharded model is
+        gathered to rank 0)."""
         path = self.run_dir / "model.pt"
-        if self.rt.is_main and (replace or not path.exists()):
-            weights = strip_prefixes(model.state_dict())
-            atomic_write(path, lambda f: torch.save(weights, f))
+        if not replace and path.exists():
+            return path
+        weights = full_state_dict(model) if is_sharded(model) else None
+        if self.rt.is_main:
+            plain = strip_prefixes(weights if weights is not None else model.state_dict())
+            atomic_write(path, lambda f: torch.save(plain, f))
         return path
 
     def best_entry(self) -> dict[str, Any] | None:
@@ -186,15 +203,50 @@ class Checkpointer:
                 "run would overwrite and prune. Choose a new run.dir, or resume with checkpoint.resume=auto.")
         found = None
         if choice == "auto":
+            self._check_format()
             found = self.storage.load_latest(map_location="cpu")
         elif choice != "never":
-            found = load_checkpoint(choice, map_location="cpu"), Path(choice)
+            found = self._load_given(Path(choice)), Path(choice)
         if found is None:
             return None
         state = migrate(found[0])
         self.registry.load_state_dict(state)
         self._restore_ranks(state["ranks"])
+        self.resumed_world_size = int(state.get("world_size", len(state["ranks"])))
         return found[1]
+
+    def moved(self) -> str:
+        """A sentence when the checkpoint resumed from was written at another world size, else ''."""
+        saved_by, ranks = self.resumed_world_size, self.rt.world_size
+        if saved_by in (None, ranks):
+            return ""
+        return f" Resumed at {ranks} rank{'s' if ranks > 1 else ''} from a checkpoint written by {saved_by}."
+
+    def _load_given(self, path: Path) -> dict[str, Any]:
+        sharded = isinstance(self.storage, ShardedStorage)
+        if sharded != is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"checkpoint.resume={path} is a {'sharded folder' if not sharded else 'single-file checkpoint'}, but "
+                f"this run writes {'sharded folders' if sharded else 'single files'} (dist.strategy="
+                f"{'fsdp' if sharded else 'ddp'}). Resume it with the strategy that wrote it, or convert it with "
+                f"`python -m launcher export` and start from the weights with model.init_from=PATH.")
+        if isinstance(self.storage, ShardedStorage):
+            return self.storage.load(path)
+        return load_checkpoint(path, map_location="cpu")
+
+    def _check_format(self) -> None:
+        """Checkpoints of the other strategy in this run's folder: an error, not a fresh start on top of them."""
+        folder = self.run_dir / "checkpoints"
+        if self.storage.list() or not folder.is_dir():
+            return
+        other = ([p for p in folder.glob("step-*.pt")] if isinstance(self.storage, ShardedStorage)
+                 else [p for p in folder.glob("step-*") if is_sharded_checkpoint(p)])
+        if other:
+            wrote, now = ("ddp", "fsdp") if isinstance(self.storage, ShardedStorage) else ("fsdp", "ddp")
+            raise ConfigError(
+                f"{folder} holds checkpoints written with dist.strategy={wrote} ({other[0].name}, ...), but this run "
+                f"has dist.strategy={now}. Set dist.strategy={wrote} to resume it, or give a new run.dir (its weights "
+                f"can seed the new run: python -m launcher export {self.run_dir}, then model.init_from=PATH).")
 
     def _restore_ranks(self, ranks: list[dict[str, Any]]) -> None:
         if len(ranks) == self.rt.world_size:
