@@ -352,6 +352,7 @@ OUTSIDE_THE_FINGERPRINT = {
     "data.loader", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor",
     "data.download", "data.synthetic_test_size", "eval.batch_size", "eval.every_epochs", "eval.tta",
     "train.nonfinite", "train.nonfinite_skips", "model.shard_units", "model.activation_checkpointing",
+    "model.cpu_offload",
     "dist.backend", "dist.device", "dist.timeout_s", "checkpoint.every_epochs", "checkpoint.every_steps",
     "checkpoint.every_minutes", "checkpoint.keep_last", "checkpoint.keep_best", "checkpoint.best_metric",
     "checkpoint.resume", "checkpoint.async", "run.dir", "run.name", "run.log_every", "run.progress",

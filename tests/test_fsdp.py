@@ -32,18 +32,33 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def test_fsdp_steps_like_one_process_and_like_ddp_with_sgd_and_accumulation(tmp_path: Path) -> None:
     """SGD, not Adam (Adam's normalisation hides a wrongly scaled gradient); two micro-batches per step exercise
-    the deferred reduce-scatter. Tolerance: float reassociation only (rtol 1e-4, atol 1e-6)."""
+    the deferred reduce-scatter; recomputed activations change nothing. Tolerance: float reassociation only
+    (rtol 1e-4, atol 1e-6)."""
     common = [*SMALL, "optim.name=sgd", "optim.lr=0.5", "train.grad_accum=2", "train.max_steps=5",
               "checkpoint.every_epochs=0"]
     one = run_ranks(train_trace, 1, "lm", common, str(tmp_path / "one"))[0]
     ddp = run_ranks(train_trace, 2, "lm", common, str(tmp_path / "ddp"))[0]
     fsdp = run_ranks(train_trace, 2, "lm", [*common, FSDP], str(tmp_path / "fsdp"))
-    assert len(one) == len(fsdp[0]) == 5
+    recomputed = run_ranks(train_trace, 2, "lm", [*common, FSDP, "model.activation_checkpointing=true"],
+                           str(tmp_path / "recomputed"))[0]
+    assert len(one) == len(fsdp[0]) == len(recomputed) == 5
+    for step, (f, r) in enumerate(zip(fsdp[0], recomputed), start=1):
+        _close(r, f, f"activation checkpointing vs without, after step {step}")
     assert all(torch.equal(a, b) for a, b in zip(fsdp[0], fsdp[1])), "the ranks gathered different weights"
     for step, (f, o, d) in enumerate(zip(fsdp[0], one, ddp), start=1):
         _close(f, o, f"fsdp vs one process after step {step}")
         _close(f, d, f"fsdp vs ddp after step {step}")
     assert not torch.equal(one[0], one[-1])
+
+
+def test_an_image_model_with_batchnorm_shards_by_its_top_level_parts_and_trains_like_ddp(tmp_path: Path) -> None:
+    """CIFAR's CNN under the default units (its top-level parts), channels_last inputs, BatchNorm buffers kept
+    per rank as under DDP without SyncBN."""
+    common = ["train.max_steps=4", "checkpoint.every_epochs=0", "optim.lr=0.05"]
+    ddp = run_ranks(train_trace, 2, "cifar", common, str(tmp_path / "ddp"))[0]
+    fsdp = run_ranks(train_trace, 2, "cifar", [*common, FSDP], str(tmp_path / "fsdp"))[0]
+    for step, (f, d) in enumerate(zip(fsdp, ddp), start=1):
+        _close(f, d, f"fsdp vs ddp after step {step}")
 
 
 def test_each_rank_holds_at_most_0_55_of_a_ddp_rank_in_weights_gradients_and_optimizer_state(tmp_path: Path) -> None:
@@ -186,11 +201,12 @@ def test_the_other_strategy_on_the_same_run_dir_is_a_clear_error(straight: Path,
     assert "dist.strategy=fsdp" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_fsdp_refuses_what_it_cannot_combine_with(tmp_path: Path) -> None:
+@pytest.mark.parametrize("setting", ["model.sync_bn=true", "model.cpu_offload=true"])
+def test_fsdp_refuses_what_it_cannot_combine_with(tmp_path: Path, setting: str) -> None:
     result = run_command([PYTHON, "-m", "trainers.cifar", "--config", str(REPO / "configs" / "cifar_debug.yaml"),
-                          FSDP, "model.sync_bn=true", f"run.dir={tmp_path / 'run'}"], timeout=120)
-    assert result.returncode != 0 and "model.sync_bn=true" in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+                          FSDP, setting, f"run.dir={tmp_path / 'run'}"], timeout=120)
+    assert result.returncode == 2 and setting in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_lm_sharded_under_torchrun(tmp_path: Path) -> None:

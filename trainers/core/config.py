@@ -113,6 +113,9 @@ class ModelConfig(_Keys):
     activation_checkpointing: bool = setting(False, "`dist.strategy=fsdp`: recompute each shard unit's activations "
                                              "in the backward pass instead of keeping them (less memory, ~1/3 "
                                              "more compute)", changes_run=False)
+    cpu_offload: bool = setting(False, "`dist.strategy=fsdp` on GPUs: keep the parameter, gradient and optimizer "
+                                "shards in host memory (FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU)",
+                                changes_run=False)
 
 
 @dataclass(frozen=True)

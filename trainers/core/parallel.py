@@ -128,8 +128,9 @@ def spread(model: nn.Module, device: torch.device, world_size: int, *, sync_bn: 
     outside) and wrapped in DDP when there is more than one rank; or, with a ``sharding`` plan and more than one
     rank, sharded by FSDP2 instead of DDP."""
     if sharding is not None and world_size > 1:
-        model = shard(model, device, world_size, sharding)
-        return model.to(memory_format=torch.channels_last) if channels_last else model  # type: ignore[call-overload, unused-ignore]
+        # The weights stay NCHW: FSDP2 keeps each shard as a flat view of a contiguous tensor (channels_last inputs
+        # still reach the convolutions as the model.channels_last key says).
+        return shard(model, device, world_size, sharding)
     if sync_bn and world_size > 1:
         model = convert_sync_batchnorm(model, device)
     model = model.to(device)

@@ -27,14 +27,18 @@ __all__ = ["ShardPlan", "shard_plan", "shard", "shard_units", "is_sharded", "gra
            "full_state_dict", "check_strategy", "local"]
 
 
-def shard_plan(cfg: Any) -> ShardPlan | None:
-    """The plan of ``dist.strategy=fsdp`` for a resolved config (None for ddp), after refusing, with the fix, the
-    settings FSDP does not combine with here."""
+def shard_plan(cfg: Any, device: torch.device) -> ShardPlan | None:
+    """The plan of ``dist.strategy=fsdp`` for a resolved config on ``device`` (None for ddp), after refusing, with
+    the fix, the settings FSDP does not combine with here."""
     if cfg.dist.strategy != "fsdp":
         return None
     check_strategy(sync_bn=cfg.model.sync_bn, precision=cfg.train.precision, compile=bool(cfg.model.compile),
                    nonfinite=cfg.train.nonfinite)
-    return ShardPlan(cfg.model.shard_units, cfg.train.precision, cfg.model.activation_checkpointing)
+    if cfg.model.cpu_offload and device.type != "cuda":
+        raise UserError(f"model.cpu_offload=true moves the shards of a GPU run to host memory, but this run trains on "
+                        f"{device.type}, where they already are: set model.cpu_offload=false.")
+    return ShardPlan(cfg.model.shard_units, cfg.train.precision, cfg.model.activation_checkpointing,
+                     cfg.model.cpu_offload)
 
 
 def check_strategy(*, sync_bn: bool, precision: Precision, compile: bool, nonfinite: str) -> None:
@@ -81,6 +85,7 @@ class ShardPlan:
     units: str = ""
     precision: Precision = Precision.fp32
     checkpointing: bool = False
+    offload: bool = False  # model.cpu_offload: shards in host memory (GPU runs)
 
 
 def shard(model: nn.Module, device: torch.device, world_size: int, plan: ShardPlan) -> nn.Module:
@@ -88,18 +93,19 @@ def shard(model: nn.Module, device: torch.device, world_size: int, plan: ShardPl
     are gathered in bf16 and gradients reduced in fp32; ``plan.checkpointing`` recomputes each unit's activations
     in the backward pass instead of keeping them."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     units = shard_units(model, plan.units)
     model = model.to(device)
     mesh = init_device_mesh(device.type, (world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if plan.precision is Precision.bf16 else MixedPrecisionPolicy())
+    offload = CPUOffloadPolicy() if plan.offload else OffloadPolicy()
     for unit in units:
         if plan.checkpointing:
             _checkpoint_activations(unit)
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
     return model
 
 

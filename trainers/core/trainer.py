@@ -65,7 +65,7 @@ class Trainer:
             self.sampler, self.train_loader, self.eval_loader = build_loaders(
                 cfg, rt.world_size, rt.rank, rt.device, self.train_set, self.eval_set, self.state.seed)
         with rt.agreed("model"):
-            model, sharding = self._build_model(), shard_plan(cfg)
+            model, sharding = self._build_model(), shard_plan(cfg, rt.device)
         self.model = spread(model, rt.device, rt.world_size, sync_bn=cfg.model.sync_bn, sharding=sharding,  # collective
                             channels_last=bool(cfg.model.channels_last), compile=bool(cfg.model.compile))
         seed_everything(self.state.seed + rt.rank)  # per-rank streams from here on (dropout etc.)
