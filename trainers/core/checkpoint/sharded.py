@@ -69,6 +69,10 @@ class ShardedStorage:
         self.template = template  # the live sharded state to load into (model and optimizer shards)
         self.group = group  # DCP's collectives: a group of their own, so a background save cannot cross training's
         self.log = log
+        if rank == 0 and self.directory.is_dir():  # no rank saves yet: the debris of saves that were killed goes
+            for debris in self.directory.glob(".step-*.partial"):
+                shutil.rmtree(debris, ignore_errors=True)
+                log(f"checkpoint: removed {debris}, left behind by an interrupted save")
 
     # ------------------------------------------------------------------ queries
     def path_of(self, step: int) -> Path:
@@ -97,9 +101,8 @@ class ShardedStorage:
         import torch.distributed.checkpoint as dcp
 
         final, partial = self.path_of(step), self.directory / f".step-{step:08d}.partial"
-        if self.rank == 0:  # before DCP's planning collective: no rank writes until rank 0 reaches it
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+        # No file work before DCP on one rank alone: each rank's writer creates the folder as it enters, and a rank
+        # failing here would leave the others waiting in DCP's first collective (debris is removed at start-up).
         sharded = {k: state[k] for k in SHARDED_KEYS if k in state}
         # DCP's coordinator writes .metadata only after every rank reported its files written.
         dcp.save(sharded, checkpoint_id=str(partial), process_group=self.group)
@@ -141,9 +144,6 @@ class ShardedStorage:
         pointed = self._pointer_target()
         if pointed in candidates:
             candidates = [pointed, *(c for c in candidates if c != pointed)]
-        debris = [p for p in self.directory.glob(".step-*.partial")] if self.directory.is_dir() else []
-        for p in debris:
-            self.log(f"checkpoint: ignoring {p}, an unfinished save")
         if not candidates:
             return None
         rejected: builtins.list[tuple[Path, str]] = []
