@@ -33,6 +33,7 @@ from trainers.core.files import atomic_write
 from trainers.core.nonfinite import Diverged
 from trainers.core.parallel import strip_prefixes
 from trainers.core.sharding import full_state_dict, is_sharded
+from trainers.core.sinks import count
 from trainers.core.state import Registry
 
 __all__ = ["Checkpointer", "FORMAT", "migrate"]
@@ -220,7 +221,7 @@ class Checkpointer:
         saved_by, ranks = self.resumed_world_size, self.rt.world_size
         if saved_by in (None, ranks):
             return ""
-        return f" Resumed at {ranks} rank{'s' if ranks > 1 else ''} from a checkpoint written by {saved_by}."
+        return f" Resumed at {count(ranks, 'rank')} from a checkpoint written by {saved_by}."
 
     def _load_given(self, path: Path) -> dict[str, Any]:
         sharded = isinstance(self.storage, ShardedStorage)
@@ -239,7 +240,7 @@ class Checkpointer:
         folder = self.run_dir / "checkpoints"
         if self.storage.list() or not folder.is_dir():
             return
-        other = ([p for p in folder.glob("step-*.pt")] if isinstance(self.storage, ShardedStorage)
+        other = (list(folder.glob("step-*.pt")) if isinstance(self.storage, ShardedStorage)
                  else [p for p in folder.glob("step-*") if is_sharded_checkpoint(p)])
         if other:
             wrote, now = ("ddp", "fsdp") if isinstance(self.storage, ShardedStorage) else ("fsdp", "ddp")

@@ -21,9 +21,7 @@ recorded, is skipped on resume for the previous one.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from launcher.errors import CheckpointError
+from trainers.core.checkpoint.storage import clean_metric, read_pointer, sha256_of
 from trainers.core.files import atomic_write, atomic_write_text, fsync_dir
 
 __all__ = ["ShardedStorage", "SHARDED_KEYS", "is_sharded_checkpoint", "sharded_storage"]
@@ -46,14 +45,6 @@ _FIX = ("Point checkpoint.resume at a good checkpoint folder, or start fresh wit
 
 def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardedStorage:
@@ -112,10 +103,9 @@ class ShardedStorage:
 
     def _complete(self, partial: Path, final: Path, rest: dict[str, Any], step: int, metric: float | None) -> None:
         atomic_write(partial / _STATE, lambda f: torch.save(rest, f))
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
-        value = None if metric is None or not math.isfinite(float(metric)) else float(metric)
-        atomic_write_text(partial / _MANIFEST, json.dumps({"file": final.name, "step": step, "metric": value,
-                                                            "files": files}, indent=1) + "\n")
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(partial.iterdir())}
+        record = {"file": final.name, "step": step, "metric": clean_metric(metric), "files": files}
+        atomic_write_text(partial / _MANIFEST, json.dumps(record, indent=1) + "\n")
         fsync_dir(partial)
         old = final.with_name(f".{final.name}.replaced")
         if final.exists():  # the same step saved again: the new folder replaces the old one whole
@@ -188,7 +178,7 @@ class ShardedStorage:
             size = path.stat().st_size
             if size != entry["size"]:
                 return f"{name} has {size} bytes, {_MANIFEST} recorded {entry['size']} (truncated or overwritten)"
-            if _sha256(path) != entry["sha256"]:
+            if sha256_of(path) != entry["sha256"]:
                 return f"{name} is corrupt: its sha256 differs from the one in {_MANIFEST}"
         return None
 
@@ -198,11 +188,7 @@ class ShardedStorage:
         return data
 
     def _pointer_target(self) -> Path | None:
-        try:
-            name = (self.directory / _POINTER).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return self.directory / name if _STEP_RE.match(name) else None
+        return read_pointer(self.directory, _STEP_RE)
 
 
 def sharded_storage(directory: Path, keep_last: int, keep_best: bool, rank: int, template: Callable[[], dict[str, Any]],

@@ -53,7 +53,7 @@ class _Unusable(Exception):
     """A checkpoint file failed verification; ``str()`` is the reason, phrased for a log line."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -212,8 +212,8 @@ class FileStorage:
             self._write_manifest(entries)
         atomic_write(path, lambda f: torch.save(state, f))
         atomic_write_text(self.directory / _POINTER, path.name + "\n")
-        entries[path.name] = {"file": path.name, "step": step, "metric": _clean_metric(metric),
-                              "size": path.stat().st_size, "sha256": _sha256(path)}
+        entries[path.name] = {"file": path.name, "step": step, "metric": clean_metric(metric),
+                              "size": path.stat().st_size, "sha256": sha256_of(path)}
         doomed = self._prunable(entries, keep={path.name})
         # The manifest is durable before anything is deleted: a crash mid-prune leaves extra files, never
         # a manifest that vouches for files that are gone while the good ones are unrecorded.
@@ -300,12 +300,7 @@ class FileStorage:
     # ------------------------------------------------------------------ pointer and manifest
 
     def _pointer_target(self) -> Path | None:
-        try:
-            name = (self.directory / _POINTER).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        # Only a bare checkpoint name counts: a hand-edited pointer must not escape the directory.
-        return self.directory / name if _STEP_RE.match(name) else None
+        return read_pointer(self.directory, _STEP_RE)
 
     def _read_manifest(self) -> dict[str, dict[str, Any]]:
         """Entries by file name; a missing or unreadable manifest means no hashes (torch.load still checks)."""
@@ -331,6 +326,16 @@ class FileStorage:
         return self.directory / max(scored)[2] if scored else None
 
 
+def read_pointer(directory: Path, names: re.Pattern[str]) -> Path | None:
+    """The checkpoint the ``latest`` file of ``directory`` names, if that name matches ``names``."""
+    try:
+        name = (directory / _POINTER).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    # Only a bare checkpoint name counts: a hand-edited pointer must not escape the directory.
+    return directory / name if names.match(name) else None
+
+
 def _check_recorded(path: Path, entry: dict[str, Any]) -> None:
     """Compare the file with its manifest entry: size first (cheap, names truncation), then sha256."""
     try:
@@ -338,13 +343,13 @@ def _check_recorded(path: Path, entry: dict[str, Any]) -> None:
         if isinstance(entry.get("size"), int) and size != entry["size"]:
             what = "truncated" if size < entry["size"] else "size mismatch"
             raise _Unusable(f"{what}: {size} bytes, {_MANIFEST} recorded {entry['size']}")
-        if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+        if entry.get("sha256") and sha256_of(path) != entry["sha256"]:
             raise _Unusable(f"corrupt: hash mismatch, sha256 differs from the one in {_MANIFEST}")
     except OSError as e:
         raise _Unusable(f"unreadable ({_first_line(e)})") from e
 
 
-def _clean_metric(metric: float | None) -> float | None:
+def clean_metric(metric: float | None) -> float | None:
     # NaN/inf cannot be "best" in any meaningful sense (and are not valid JSON): record them as None.
     if metric is None:
         return None
