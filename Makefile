@@ -32,9 +32,14 @@ demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/torchrun --standalone --nproc_per_node=2 \
 		-m trainers.cifar --config configs/cifar_demo.yaml $(ARGS)
 
+# Test files run in parallel, TEST_WORKERS at a time (pytest-xdist; -n 0 runs them in this process). A file is
+# the unit: its tests run in order on one worker, so the SLURM tests never queue behind each other on the local
+# cluster. More workers than half the cores would oversubscribe the 2-rank tests.
+TEST_WORKERS ?= $(shell n=$$(($$(nproc 2>/dev/null || echo 2) / 2)); [ $$n -ge 2 ] && echo $$n || echo 2)
+
 test: install
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # On a GPU host: the GPU tests, the speed table (against the published airbench) and the fast recipe's times, in
 # one report (OUT/gpu-report.md); each step is bounded and recorded as it ends.

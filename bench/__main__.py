@@ -429,9 +429,11 @@ def main() -> None:
     print(f"machine: {machine()}; {args.repeats} interleaved repeats per row, medians", flush=True)
     rows: list[Row] = []
     for rp in plan(hardware):
+        started = time.perf_counter()
         rows.append(run_row(rp, args.repeats, args.quick, args.data))
         verdict = "skipped" if rows[-1].met is None else "met" if rows[-1].met else "MISSED"
-        print(f"  {rp.name}: {rows[-1].value:.3f} ({rows[-1].target}) {verdict}", flush=True)
+        print(f"  {rp.name}: {rows[-1].value:.3f} ({rows[-1].target}) {verdict} "
+              f"[{time.perf_counter() - started:.0f} s]", flush=True)
         if args.json:  # after every row: a cut-short run still leaves what it measured
             args.json.write_text(json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=1))
     print()

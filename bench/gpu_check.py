@@ -88,7 +88,7 @@ def fast_recipe(step: Step, out: Path, quick: bool) -> None:
     run_dir = out / "fast-recipe"
     shutil.rmtree(run_dir, ignore_errors=True)
     batch = 512 if quick else 1024
-    size = ["data.synthetic_train_size=2048", "data.synthetic_test_size=500", "train.epochs=2",
+    size = ["data.synthetic_train_size=1024", "data.synthetic_test_size=250", "train.epochs=2",
             f"train.batch_size={batch}", "optim.lr=0.75"] if quick else ["data.synthetic_train_size=50000"]
     cmd = [sys.executable, "-m", "trainers.cifar", "--config", "configs/cifar_fast.yaml", f"run.dir={run_dir}",
            "data.synthetic_fallback=true", "run.progress=lines", "eval.every_epochs=10", *size]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+from bench.runs import rank_context
 
 REPO = Path(__file__).resolve().parents[1]
 #: lm_debug itself (an epoch of 115 steps of 32 windows of 64 bytes), without its samples and periodic checkpoints.
@@ -69,7 +69,7 @@ def _rank(rank: int, port: int, run_dir: str, overrides: list[str], out: Any) ->
 
 def measure(overrides: list[str]) -> dict[str, float]:
     """One 2-rank run of lm_debug with ``overrides``: step time, epoch time, checkpoint blocking, rank 0's bytes."""
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     out = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from bench.runs import rank_context
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,7 +56,7 @@ def _rank(rank: int, port: int, steps: int, every_step: bool, out: "mp.Queue[flo
 
 
 def steps_per_second(steps: int, every_step: bool) -> float:
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     out = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,7 +1,9 @@
 """Helpers for real multi-process (gloo, CPU) tests, each bounded in time.
 
 ``run_ranks(fn, world_size)`` starts ``world_size`` fresh processes with the torchrun variables set,
-calls ``fn(*args)`` in each and returns the results in rank order. A rank that raises fails the test
+calls ``fn(*args)`` in each and returns the results in rank order. They are forked from a server that imported
+torch and the trainers once per test session (a rank then starts in milliseconds instead of the ~3 s of importing
+torch), and none of them has run a torch operation or joined a process group before. A rank that raises fails the test
 with its traceback; ranks still running at the deadline are killed and the test fails saying so.
 """
 
@@ -37,9 +39,16 @@ def rank_environ(rank: int, world_size: int, port: int) -> dict[str, str]:
             "MASTER_PORT": str(port)}
 
 
+# What the fork server imports once: everything a rank function needs that costs start-up time.
+PRELOAD = ["torch", "tests.tasks", "trainers.lm", "torch.distributed.checkpoint"]
+
+
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any) -> None:
     os.environ.update(rank_environ(rank, world_size, port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: do not oversubscribe
+    import torch  # already imported by the fork server: its thread count must follow this rank's environment
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         # Plain pickle bytes: torch's queue pickler would share tensors through file descriptors
         # that vanish when this process exits.
@@ -50,7 +59,8 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
     """Results of ``fn(*args)`` on ``world_size`` gloo-ready ranks, in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out), daemon=True)

@@ -55,6 +55,8 @@ pytestmark = [
     pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or ""),
     pytest.mark.timeout(COMMAND_TIMEOUT_S + 60),
 ]
+# `make test` runs test files in parallel but each file's tests in order on one worker (--dist loadfile): the SLURM
+# tests stay in this file, since the local cluster has 2 CPUs and two jobs at once would queue behind each other.
 
 
 def _job_environ() -> dict[str, str]:
