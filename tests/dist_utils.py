@@ -3,8 +3,10 @@
 ``run_ranks(fn, world_size)`` starts ``world_size`` fresh processes with the torchrun variables set,
 calls ``fn(*args)`` in each and returns the results in rank order. They are forked from a server that imported
 torch and the trainers once per test session (a rank then starts in milliseconds instead of the ~3 s of importing
-torch), and none of them has run a torch operation or joined a process group before. A rank that raises fails the test
-with its traceback; ranks still running at the deadline are killed and the test fails saying so.
+torch), and none of them has run a torch operation or joined a process group before. Each rank gets the test's
+environment as it is when run_ranks is called (not the server's, which is older), but variables that torch reads only
+at import take the server's values. A rank that raises fails the test with its traceback; ranks still running at the
+deadline are killed and the test fails saying so.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ def rank_environ(rank: int, world_size: int, port: int) -> dict[str, str]:
 PRELOAD = ["torch", "tests.tasks", "trainers.lm", "torch.distributed.checkpoint"]
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any) -> None:
-    os.environ.update(rank_environ(rank, world_size, port))
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any,
+            environ: dict[str, str]) -> None:
+    os.environ.clear()  # the test's environment now, not the fork server's from when it started
+    os.environ.update({**environ, **rank_environ(rank, world_size, port)})
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: do not oversubscribe
     import torch  # already imported by the fork server: its thread count must follow this rank's environment
 
@@ -63,7 +67,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     ctx.set_forkserver_preload(PRELOAD)
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out, dict(os.environ)), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

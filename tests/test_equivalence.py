@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -60,6 +62,16 @@ def test_exact_evaluation_at_world_sizes_1_2_3(tmp_path) -> None:
             assert r["test_samples"] == 500, f"world {world}: counted {r['test_samples']} samples"
             assert r["test_acc"] == reference["test_acc"], f"world {world}: accuracy differs"
             assert r["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+
+
+def test_ranks_see_the_environment_of_the_test_as_it_is_when_they_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_ranks forks from a server started earlier in the session: a variable set since must still reach the
+    ranks, and one removed since must not."""
+    run_ranks(os.getenv, 1, "HOME")  # the fork server is running from here on, whatever ran before
+    monkeypatch.setenv("DISTLAUNCH_PROBE", "set after the server started")
+    monkeypatch.delenv("HOME", raising=False)
+    assert run_ranks(os.getenv, 2, "DISTLAUNCH_PROBE") == ["set after the server started"] * 2
+    assert run_ranks(os.getenv, 1, "HOME") == [None]
 
 
 def test_runtime_agreement_on_two_ranks() -> None:
