@@ -52,12 +52,20 @@ class Preempted(Exception):
     raised_by_every_rank = True  # all ranks agreed on the step to stop at
 
 
+_stopped_during_startup = False
+
+
 def _stop_now(signum: int, frame: FrameType | None) -> None:
+    global _stopped_during_startup
     _note(signum)
-    # os.write, not print: safe inside a handler. SystemExit unwinds through every `finally` (the process
-    # group is torn down) and, unlike another exception, ends the process cleanly even during imports.
-    os.write(2, f"stopped by {signal.Signals(signum).name} during start-up: nothing new to save; re-run (or "
-                f"requeue) the same command to resume.\n".encode())
+    if not _stopped_during_startup:
+        # os.write, not print: safe inside a handler.
+        os.write(2, f"stopped by {signal.Signals(signum).name} during start-up: nothing new to save; re-run (or "
+                    f"requeue) the same command to resume.\n".encode())
+    _stopped_during_startup = True
+    # SystemExit unwinds through every `finally` (the process group is torn down) and, unlike another exception,
+    # ends the process cleanly even during imports. Code it interrupts can still swallow it (a bare `except:`
+    # inside an import: seen under load), so StopFlag.install ends the process too.
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
@@ -97,6 +105,10 @@ class StopFlag:
             raise KeyboardInterrupt  # Ctrl-C again: the user does not want to wait for the checkpoint
 
     def install(self) -> "StopFlag":
+        """Take the stop signals over from the start-up handlers; ends the process with PREEMPTED_EXIT_CODE if
+        a stop during start-up was received but its SystemExit was swallowed by the code it interrupted."""
+        if _stopped_during_startup:
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         # Handlers can only be set from the main thread (e.g. not inside some notebook runners).
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:

@@ -380,6 +380,32 @@ def test_a_stop_signal_during_start_up_asks_for_a_requeue(tmp_path: Path, sig: s
     assert not (run_dir / "checkpoints").exists(), "nothing new to save"
 
 
+def test_a_start_up_stop_swallowed_by_the_code_it_interrupted_still_ends_the_process(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The start-up handler raises SystemExit wherever the signal lands; a bare `except:` there (found inside an
+    import, under load: the run then trained to the end and exited 0) swallows it. The stop flag, where the loop
+    takes over, ends the process instead, before any step or checkpoint."""
+    import os
+
+    from launcher import signals
+
+    monkeypatch.setattr(signals, "_stopped_during_startup", False)
+    previous = {sig: signal.getsignal(sig) for sig in signals.STOP_SIGNALS}
+    signals.stop_during_startup()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs before the next line: inside this block
+        except:  # noqa: E722 - the kind of handler that swallowed it
+            pass
+        with pytest.raises(SystemExit) as stopped:
+            StopFlag().install()
+        assert stopped.value.code == PREEMPTED_EXIT_CODE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert capfd.readouterr().err.count("stopped by SIGUSR1 during start-up") == 1
+
+
 def test_workers_do_not_outlive_a_killed_torchrun(tmp_path: Path) -> None:
     import os
     import subprocess
