@@ -39,7 +39,7 @@ TEST_WORKERS ?= $(shell n=$$(($$(nproc 2>/dev/null || echo 2) / 2)); [ $$n -ge 2
 
 test: install
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # On a GPU host: the GPU tests, the speed table (against the published airbench) and the fast recipe's times, in
 # one report (OUT/gpu-report.md); each step is bounded and recorded as it ends.

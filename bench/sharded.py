@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from bench.runs import rank_context
 
 REPO = Path(__file__).resolve().parents[1]

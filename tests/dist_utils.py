@@ -81,7 +81,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 missing = sorted(set(range(world_size)) - set(results))
                 pytest.fail(f"ranks {missing} of {world_size} did not finish within {timeout}s (hang?)")
             if not ok:
-                pytest.fail(f"rank {rank} failed:\n{value}")
+                pytest.fail(f"rank {rank} failed:\n{value}{_the_others(out, procs, rank)}")
             results[rank] = pickle.loads(value)
     finally:
         for p in procs:
@@ -89,6 +89,27 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def _the_others(out: Any, procs: list[Any], failed: int, grace: float = 10) -> str:
+    """What the other ranks did when one failed: a peer's error often comes from the rank that really failed
+    (a gloo "connection reset" means the other side died), so wait briefly for their reports and exit codes."""
+    deadline = time.monotonic() + grace
+    lines: list[str] = []
+    reported = {failed}
+    while len(reported) < len(procs) and time.monotonic() < deadline:
+        try:
+            rank, ok, value = out.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        reported.add(rank)
+        lines.append(f"rank {rank} {'finished' if ok else 'failed:' + chr(10) + value}")
+    for rank, p in enumerate(procs):
+        if rank not in reported:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            state = "still running" if p.is_alive() else f"exited with code {p.exitcode} without reporting"
+            lines.append(f"rank {rank} {state}")
+    return "".join(f"\n--- {line}" for line in lines)
 
 
 def run_command(cmd: Sequence[str], timeout: float = 300, env: dict[str, str] | None = None,

@@ -23,6 +23,21 @@ CIFAR = [PYTHON, "-m", "trainers.cifar"]
 QUICK = ["--config", str(DEBUG_CONFIG), "train.epochs=1", "run.progress=lines"]
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished QUICK run (16 steps, a train record every 2), trained once for the tests that start from a
+    finished run; each takes its own copy (``_copy_of``)."""
+    run_dir = tmp_path_factory.mktemp("shared") / "run"
+    result = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}", "run.log_every=2"], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def _copy_of(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)
+    return to
+
+
 def _fails_cleanly(result, *phrases: str) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
@@ -77,9 +92,8 @@ def test_run_directory_that_cannot_be_written(tmp_path: Path) -> None:
     _fails_cleanly(result, "cannot be written", "run.dir")
 
 
-def test_checkpoint_of_another_model_is_refused_and_nothing_is_lost(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert run_command([*CIFAR, *QUICK, f"run.dir={run_dir}"], timeout=300).returncode == 0
+def test_checkpoint_of_another_model_is_refused_and_nothing_is_lost(tmp_path: Path, finished_run: Path) -> None:
+    run_dir = _copy_of(finished_run, tmp_path / "run")
     saved_config = (run_dir / "config.yaml").read_text()
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
     result = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}", "model.width=16"], timeout=300)
@@ -266,11 +280,10 @@ def test_tensorboard_event_files_hold_metrics_and_the_config(tmp_path: Path) -> 
     assert events.PluginTagToContent("hparams"), "the resolved config is recorded as hyperparameters"
 
 
-def test_report_plots_several_runs_including_a_running_and_a_resumed_one(tmp_path: Path) -> None:
+def test_report_plots_several_runs_including_a_running_and_a_resumed_one(tmp_path: Path, finished_run: Path) -> None:
     from launcher.report import load_run
 
-    done, running = tmp_path / "done", tmp_path / "running"
-    assert run_command([*CIFAR, *QUICK, f"run.dir={done}", "run.log_every=2"], timeout=300).returncode == 0
+    done, running = _copy_of(finished_run, tmp_path / "done"), tmp_path / "running"
     running.mkdir()
     lines = (done / "metrics.jsonl").read_text().splitlines()
     # A resumed run logged steps 2 and 4 twice; a running one is mid-way through writing a line.
@@ -287,7 +300,7 @@ def test_report_plots_several_runs_including_a_running_and_a_resumed_one(tmp_pat
     assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr
 
 
-def test_report_reads_the_runs_own_end_and_marks_its_resumes(tmp_path: Path) -> None:
+def test_report_reads_the_runs_own_end_and_marks_its_resumes(tmp_path: Path, finished_run: Path) -> None:
     """The table's final step, wall time and throughput are the run's own (its end record and summary), not the
     last logged step; a resume is one restart and a dotted line at its step in every panel, a re-run of the
     finished run none; each run keeps one colour in every panel, and each axis holds one metric."""
@@ -304,8 +317,7 @@ def test_report_reads_the_runs_own_end_and_marks_its_resumes(tmp_path: Path) -> 
     longer = run_command([*base, "train.epochs=2"], timeout=300)  # the same run, continued to 32 steps
     assert longer.returncode == 0 and "resumed at step 16" in longer.stdout
     assert "already finished" in run_command([*base, "train.epochs=2"], timeout=300).stdout  # not a restart
-    other = tmp_path / "other"
-    assert run_command([*CIFAR, *QUICK, f"run.dir={other}"], timeout=300).returncode == 0
+    other = _copy_of(finished_run, tmp_path / "other")
 
     runs = [load_run(run_dir), load_run(other)]
     out = io.StringIO()
