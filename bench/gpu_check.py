@@ -89,8 +89,9 @@ def fast_recipe(step: Step, out: Path, quick: bool) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     batch = 256 if quick else 1024
     # --quick checks that the step runs and reports, not the recipe's figures: a quarter of the widths, 2 x 2 steps.
-    size = ["data.synthetic_train_size=512", "data.synthetic_test_size=250", "train.epochs=2", "model.widths=[16,64,64]",
-            f"train.batch_size={batch}", "optim.lr=0.75"] if quick else ["data.synthetic_train_size=50000"]
+    smoke = ["data.synthetic_train_size=512", "data.synthetic_test_size=250", "train.epochs=2",
+             "model.widths=[16,64,64]", f"train.batch_size={batch}", "optim.lr=0.75"]
+    size = smoke if quick else ["data.synthetic_train_size=50000"]
     cmd = [sys.executable, "-m", "trainers.cifar", "--config", "configs/cifar_fast.yaml", f"run.dir={run_dir}",
            "data.synthetic_fallback=true", "run.progress=lines", "eval.every_epochs=10", *size]
     step.status, text = _run(cmd, out / "fast-recipe.log", 300)

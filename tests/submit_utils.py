@@ -16,8 +16,10 @@ from tests.dist_utils import REPO, wait_for
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 
-#: 192 steps of the debug model (about 20 s on 2 gloo ranks): room to interrupt a run twice.
-LONG = ["train.epochs=12", "run.log_every=1", "run.deterministic=true", "run.progress=lines"]
+#: 128 steps of the debug model (8 epochs of 16; about 15 s on 2 gloo ranks, 30 s under the parallel suite's load):
+#: room to interrupt a run twice, each time right after a logged step.
+LONG_STEPS = 128
+LONG = [f"train.epochs={LONG_STEPS // 16}", "run.log_every=1", "run.deterministic=true", "run.progress=lines"]
 
 #: Launcher variables that would confuse the job if pytest inherited them (e.g. run inside SLURM).
 _FOREIGN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import REPO, wait_all, wait_for
-from tests.submit_utils import (LONG, assert_every_step_once, assert_same_weights, job_environ, records, start_submit,
-                                submit_cmd)
+from tests.submit_utils import (LONG, LONG_STEPS, assert_every_step_once, assert_same_weights, job_environ, records,
+                                start_submit, submit_cmd)
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 # Subprocess bound for one SLURM command; the pytest timeout below leaves room for clean-up.
@@ -225,7 +225,7 @@ def test_submitted_job_survives_time_limit_signal_and_preemption(tmp_path: Path)
     assert [s["slurm_requeues"] for s in starts] == [0, 1, 2] and all(s["step"] > 0 for s in starts[1:]), starts
     assert log.count("Stop signal received: checkpoint written") == 2, log[-3000:]
     assert "Requeued job" in log, "the time-limit signal was handed to submitit, which requeued the job"
-    assert_every_step_once(run_dir, 192)
+    assert_every_step_once(run_dir, LONG_STEPS)
     assert_same_weights(run_dir, tmp_path / "straight")
 
 
@@ -252,5 +252,5 @@ def test_sbatch_template_requeues_near_the_time_limit_and_completes(tmp_path: Pa
     assert "time limit near" in text and f"requeueing job {job}" in text, text[-3000:]
     starts = records(run_dir, "start")
     assert len(starts) == 2 and starts[1]["step"] > 0 and starts[1]["slurm_requeues"] == 1, starts
-    assert_every_step_once(run_dir, 192)
+    assert_every_step_once(run_dir, LONG_STEPS)
     assert (run_dir / "model.pt").is_file(), text[-3000:]

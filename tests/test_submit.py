@@ -19,8 +19,8 @@ import yaml
 from launcher.submit import TrainJob, add_parser, expand_sweep, ranks_per_node, resources
 from tests.dist_utils import REPO, run_command, wait_all, wait_for
 from tests.gated_task import GATE_VARIABLE
-from tests.submit_utils import (DEBUG_CONFIG, LONG, assert_every_step_once, assert_same_weights, job_environ,
-                                records, start_submit, submit_cmd)
+from tests.submit_utils import (DEBUG_CONFIG, LONG, LONG_STEPS, assert_every_step_once, assert_same_weights,
+                                job_environ, records, start_submit, submit_cmd)
 
 GOLDEN = Path(__file__).parent / "golden" / "submit_dry_run.sbatch"
 
@@ -148,7 +148,7 @@ def test_local_job_stopped_by_submitits_signal_requeues_and_matches(tmp_path: Pa
     assert "Stop signal received: checkpoint written" in log and "Requeued job" in log, log[-3000:]
     starts = records(run_dir, "start")
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] > 0, starts
-    assert_every_step_once(run_dir, 192)
+    assert_every_step_once(run_dir, LONG_STEPS)
     assert_same_weights(run_dir, tmp_path / "straight")
 
 
