@@ -16,7 +16,7 @@ import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
 from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
-from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint
+from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint, train_trace
 from trainers.core.checkpoint import FORMAT, CheckpointManager
 
 # 64 steps per epoch, 2 epochs: long enough to interrupt well inside the first epoch.
@@ -226,6 +226,21 @@ def test_a_checkpoint_of_an_earlier_format_resumes_exactly(tmp_path: Path) -> No
     assert all(torch.equal(a[k], b[k]) for k in a), "resuming the old checkpoint must give the uninterrupted weights"
     state, _ = CheckpointManager(old / "checkpoints").load_latest()  # type: ignore[misc]
     assert state["format"] == FORMAT and set(state["ranks"][0]) == {"rng", "losses"}, "new saves use today's format"
+
+
+def test_a_learning_rate_changed_on_resume_takes_effect_on_the_same_schedule(tmp_path: Path) -> None:
+    """optim.lr changed when resuming a finished epoch (and train.epochs raised): from the resumed step on, the
+    learning rates are those of a run that had the new value from the start; the checkpoint's lr does not come
+    back. (A resume with the same config is left untouched: the bit-identical tests above.)"""
+    common = ["run.log_every=1", "checkpoint.resume=auto", "model.width=8"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    run_ranks(train_trace, 1, "cifar", [*common, "train.epochs=1", "optim.lr=0.2"], str(resumed))
+    run_ranks(train_trace, 1, "cifar", [*common, "train.epochs=2", "optim.lr=0.01"], str(resumed))
+    run_ranks(train_trace, 1, "cifar", [*common, "train.epochs=2", "optim.lr=0.01"], str(straight))
+    assert [r["kind"] for r in _records(resumed, "start")] == ["start", "start"]
+    after = {r["step"]: r["lr"] for r in _records(resumed) if r["step"] > 16}
+    expected = {r["step"]: r["lr"] for r in _records(straight) if r["step"] > 16}
+    assert list(after) == list(range(17, 33)) and after == pytest.approx(expected, rel=1e-6, abs=1e-12), after
 
 
 def test_time_based_checkpoints_are_agreed_by_every_rank(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from trainers.core.config import OptimConfig, SchedConfig
 from trainers.core.checkpoint import CheckpointError
 from trainers.core.data import HostLoader, ResumableDistributedSampler, chunk, sample_seed
 from trainers.core.metrics import Accuracy, ConfusionMatrix, MeanIoU, MeanLoss
-from trainers.core.optim import build_optimizer, build_scheduler, param_groups
+from trainers.core.optim import ConfiguredHyperparameters, build_optimizer, build_scheduler, param_groups
 from trainers.core.pretrained import freeze, init_from
 from trainers.core.state import Registry, TrainState
 
@@ -124,6 +124,45 @@ def test_constant_and_onecycle():
     assert 28 <= peak <= 30 and lrs[peak] == pytest.approx(1.0, rel=1e-3) and lrs[-1] < 1e-3
     with pytest.raises(ConfigError, match="sched.warmup_epochs"):
         _lrs(SchedConfig(name="onecycle", warmup_epochs=0))
+
+
+@pytest.mark.parametrize("sched, optim", [("cosine", "sgd"), ("onecycle", "sgd"), ("onecycle", "adamw")])
+def test_changed_optimizer_settings_replace_a_checkpoints_and_same_ones_change_nothing(sched: str, optim: str):
+    """A checkpoint written at step 40 with lr 1 and weight decay 0.1, loaded by a run configured with lr 0.5 and
+    weight decay 0.2: from there on, learning rate, weight decay and a cycled momentum are those of a run configured
+    so from the start. Loaded by a run with the checkpoint's own settings, nothing is touched."""
+    def build(lr: float, decay: float):
+        opt = build_optimizer(OptimConfig(name=optim, lr=lr, weight_decay=decay), nn.Linear(2, 2))
+        return opt, build_scheduler(SchedConfig(name=sched, warmup_epochs=3), opt, 10, 100)
+
+    def advance(opt, scheduler, steps: int) -> None:
+        for _ in range(steps):
+            opt.step()
+            scheduler.step()
+
+    def settings(opt) -> list[float]:  # each group's lr, weight decay and momentum (or beta1), flat
+        return [v for g in opt.param_groups for v in (g["lr"], g["weight_decay"], g.get("betas", [g.get("momentum")])[0])]
+
+    old, old_sched = build(1.0, 0.1)
+    advance(old, old_sched, 40)
+    saved = (old.state_dict(), old_sched.state_dict())
+    for lr, decay in ((0.5, 0.2), (1.0, 0.1)):
+        new, new_sched = build(lr, decay)
+        configured = ConfiguredHyperparameters(new, new_sched)
+        new.load_state_dict(saved[0])
+        new_sched.load_state_dict(saved[1])
+        loaded = settings(new)
+        changed = configured.reapply()
+        straight, straight_sched = build(lr, decay)
+        advance(straight, straight_sched, 40)
+        if lr == 1.0:
+            assert changed == [] and settings(new) == loaded, "the checkpoint's own settings: nothing recomputed"
+        else:
+            assert {"lr", "weight_decay"} <= set(changed), changed
+        assert settings(new) == pytest.approx(settings(straight))
+        advance(new, new_sched, 10)
+        advance(straight, straight_sched, 10)
+        assert settings(new) == pytest.approx(settings(straight)), "and the schedule goes on from them"
 
 
 # --------------------------------------------------------------------------- per-sample seeding

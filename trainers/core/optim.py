@@ -7,6 +7,7 @@ Tasks get these by default; a task that wants its own overrides ``Task.build_opt
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -114,3 +115,65 @@ def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, steps_pe
         return OneCycleLR(optimizer, max_lr=peaks, total_steps=max(2, total_steps), pct_start=rise,
                           cycle_momentum=cycle)
     return LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, total_steps))
+
+
+class ConfiguredHyperparameters:
+    """The optimizer's and the schedule's hyperparameters as this run's config built them.
+
+    Loading a checkpoint brings back the values it was written with (``Optimizer.load_state_dict`` replaces each
+    group's lr, weight_decay, betas, ...; the schedule's state replaces its base learning rates), so a changed
+    ``optim.lr`` on resume would silently do nothing. ``reapply`` puts the configured values back where they
+    differ, and the schedule continues at the resumed step from the new values. When nothing changed it touches
+    nothing, so a resume with the same config stays bit-identical.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+        # Keys the schedule itself moves at every step are not settings: the current lr, and the momentum (or beta1)
+        # of a schedule that cycles it.
+        self.moving = {"params", "lr"} | ({"momentum", "betas"} if getattr(scheduler, "cycle_momentum", False) else set())
+        self.groups = [self._settings(group) for group in optimizer.param_groups]
+        self.base_lrs = list(getattr(scheduler, "base_lrs", []))
+
+    def _settings(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in group.items() if k not in self.moving}
+
+    def changed(self) -> list[str]:
+        """The keys whose configured values differ from the optimizer's and schedule's current ones."""
+        keys = {k for group, fresh in zip(self.optimizer.param_groups, self.groups)
+                for k, v in fresh.items() if not _same(group.get(k), v)}
+        if self.base_lrs and not _same(list(getattr(self.scheduler, "base_lrs", [])), self.base_lrs):
+            keys.add("initial_lr")
+        return sorted({"lr" if k == "initial_lr" else k for k in keys})  # the schedule's base lr is the lr set
+
+    def reapply(self) -> list[str]:
+        """After loading a checkpoint: the configured values where they differ, and the schedule's learning rate
+        (and cycled momentum) at its current step recomputed from them. Returns the keys that changed."""
+        keys = self.changed()
+        if not keys:
+            return []
+        for group, fresh in zip(self.optimizer.param_groups, self.groups):
+            group.update(fresh)
+        if self.base_lrs:
+            self.scheduler.base_lrs = list(self.base_lrs)
+        with warnings.catch_warnings():  # get_lr outside step() warns; here it is the point: the lr at this step
+            warnings.simplefilter("ignore", UserWarning)
+            lrs = self.scheduler.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = list(lrs)  # what get_last_lr() and the logs report
+        return keys
+
+
+    def reapplied(self) -> str:
+        """``reapply()`` said as a sentence for the resume line ("" when nothing changed)."""
+        keys = self.reapply()
+        return f" The config's optimizer settings replace the checkpoint's ({', '.join(keys)})." if keys else ""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)

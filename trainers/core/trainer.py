@@ -32,6 +32,7 @@ from trainers.core.evaluation import EVAL_EPOCH, describe, evaluate
 from trainers.core.meter import TrainingLog
 from trainers.core.metrics import ranking_metric
 from trainers.core.nonfinite import NonFinite, finite_tensors
+from trainers.core.optim import ConfiguredHyperparameters
 from trainers.core.parallel import broadcast_buffers, maybe_no_sync, spread, to_memory_format, unwrap
 from trainers.core.pretrained import freeze, init_from
 from trainers.core.rng import RankRng, seed_everything
@@ -72,6 +73,7 @@ class Trainer:
         with rt.agreed("optimizer"):
             self.optimizer = task.build_optimizer(unwrap(self.model))
             self.scheduler = task.build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps)
+            self.configured = ConfiguredHyperparameters(self.optimizer, self.scheduler)  # before a checkpoint's
             self.metrics = task.metrics()
             self.best_name, self.best_sign = ranking_metric(self.metrics, cfg.checkpoint.best_metric,
                                                             cfg.checkpoint.keep_best)
@@ -260,7 +262,8 @@ class Trainer:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
         if self.resumed_from is not None:
             self.sink.print(f"Resumed from {self.resumed_from} at epoch {self.state.epoch}, step {self.state.global_step}"
-                            f" ({count(self.state.step_in_epoch, 'step')} into the epoch).{self.checkpointer.moved()}")
+                            f" ({count(self.state.step_in_epoch, 'step')} into the epoch).{self.checkpointer.moved()}"
+                            f"{self.configured.reapplied()}")
 
     def _announce(self) -> None:
         devices = self.rt.describe_devices()  # a collective: before the rank-0 branch
