@@ -126,13 +126,16 @@ def test_constant_and_onecycle():
         _lrs(SchedConfig(name="onecycle", warmup_epochs=0))
 
 
-@pytest.mark.parametrize("sched, optim", [("cosine", "sgd"), ("onecycle", "sgd"), ("onecycle", "adamw")])
+@pytest.mark.parametrize("sched, optim", [("cosine", "sgd"), ("onecycle", "sgd"), ("onecycle", "adamw"),
+                                          ("torch StepLR", "sgd")])
 def test_changed_optimizer_settings_replace_a_checkpoints_and_same_ones_change_nothing(sched: str, optim: str):
     """A checkpoint written at step 40 with lr 1 and weight decay 0.1, loaded by a run configured with lr 0.5 and
     weight decay 0.2: from there on, learning rate, weight decay and a cycled momentum are those of a run configured
     so from the start. Loaded by a run with the checkpoint's own settings, nothing is touched."""
     def build(lr: float, decay: float):
         opt = build_optimizer(OptimConfig(name=optim, lr=lr, weight_decay=decay), nn.Linear(2, 2))
+        if sched == "torch StepLR":  # a task's own schedule, computed from the previous step's lr (chainable)
+            return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
         return opt, build_scheduler(SchedConfig(name=sched, warmup_epochs=3), opt, 10, 100)
 
     def advance(opt, scheduler, steps: int) -> None:
@@ -141,7 +144,8 @@ def test_changed_optimizer_settings_replace_a_checkpoints_and_same_ones_change_n
             scheduler.step()
 
     def settings(opt) -> list[float]:  # each group's lr, weight decay and momentum (or beta1), flat
-        return [v for g in opt.param_groups for v in (g["lr"], g["weight_decay"], g.get("betas", [g.get("momentum")])[0])]
+        return [v for g in opt.param_groups
+                for v in (g["lr"], g["weight_decay"], g.get("betas", [g.get("momentum")])[0])]
 
     old, old_sched = build(1.0, 0.1)
     advance(old, old_sched, 40)

@@ -123,15 +123,18 @@ class ConfiguredHyperparameters:
     Loading a checkpoint brings back the values it was written with (``Optimizer.load_state_dict`` replaces each
     group's lr, weight_decay, betas, ...; the schedule's state replaces its base learning rates), so a changed
     ``optim.lr`` on resume would silently do nothing. ``reapply`` puts the configured values back where they
-    differ, and the schedule continues at the resumed step from the new values. When nothing changed it touches
-    nothing, so a resume with the same config stays bit-identical.
+    differ, and the schedule continues at the resumed step from the new values: the toolkit's schedules (LambdaLR,
+    OneCycleLR) are recomputed at that step; a task's own schedule, which may depend on its past, has its current
+    lr scaled by the new base lr over the old. When nothing changed it touches nothing, so a resume with the same
+    config stays bit-identical.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.optimizer, self.scheduler = optimizer, scheduler
         # Keys the schedule itself moves at every step are not settings: the current lr, and the momentum (or beta1)
         # of a schedule that cycles it.
-        self.moving = {"params", "lr"} | ({"momentum", "betas"} if getattr(scheduler, "cycle_momentum", False) else set())
+        cycled = {"momentum", "betas"} if getattr(scheduler, "cycle_momentum", False) else set()
+        self.moving = {"params", "lr"} | cycled
         self.groups = [self._settings(group) for group in optimizer.param_groups]
         self.base_lrs = list(getattr(scheduler, "base_lrs", []))
 
@@ -152,18 +155,24 @@ class ConfiguredHyperparameters:
         keys = self.changed()
         if not keys:
             return []
-        for group, fresh in zip(self.optimizer.param_groups, self.groups):
+        groups = self.optimizer.param_groups
+        loaded_initial = [group.get("initial_lr") for group in groups]
+        for group, fresh in zip(groups, self.groups):
             group.update(fresh)
         if self.base_lrs:
             self.scheduler.base_lrs = list(self.base_lrs)
-        with warnings.catch_warnings():  # get_lr outside step() warns; here it is the point: the lr at this step
-            warnings.simplefilter("ignore", UserWarning)
-            lrs = self.scheduler.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs):
+        if isinstance(self.scheduler, (LambdaLR, OneCycleLR)):  # the toolkit's schedules: a function of the step
+            with warnings.catch_warnings():  # get_lr outside step() warns; here it is the point: the lr at this step
+                warnings.simplefilter("ignore", UserWarning)
+                lrs = self.scheduler.get_lr()
+        else:  # a task's own schedule may depend on its past (chainable): scale by new base / old base
+            lrs = [g["lr"] * g["initial_lr"] / old if old and g.get("initial_lr") else g["lr"]
+                   for g, old in zip(groups, loaded_initial)]
+        for group, lr in zip(groups, lrs):
             group["lr"] = lr
-        self.scheduler._last_lr = list(lrs)  # what get_last_lr() and the logs report
+        if hasattr(self.scheduler, "_last_lr"):
+            self.scheduler._last_lr = list(lrs)  # what get_last_lr() and the logs report
         return keys
-
 
     def reapplied(self) -> str:
         """``reapply()`` said as a sentence for the resume line ("" when nothing changed)."""
