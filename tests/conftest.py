@@ -8,8 +8,6 @@ which have few long tests, at the very end.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 #: Test files by their time in a parallel run on 2 cores (seconds, measured; update when a file's time changes a
@@ -24,4 +22,4 @@ SLOWEST_FIRST = {
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Stable sort by file cost, so the tests of one file keep their order."""
-    items.sort(key=lambda item: -SLOWEST_FIRST.get(Path(str(item.fspath)).name, 0))
+    items.sort(key=lambda item: -SLOWEST_FIRST.get(item.path.name, 0))

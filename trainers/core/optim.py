@@ -136,7 +136,6 @@ class ConfiguredHyperparameters:
         cycled = {"momentum", "betas"} if getattr(scheduler, "cycle_momentum", False) else set()
         self.moving = {"params", "lr"} | cycled
         self.groups = [self._settings(group) for group in optimizer.param_groups]
-        self.base_lrs = list(getattr(scheduler, "base_lrs", []))
 
     def _settings(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in group.items() if k not in self.moving}
@@ -145,9 +144,7 @@ class ConfiguredHyperparameters:
         """The keys whose configured values differ from the optimizer's and schedule's current ones."""
         keys = {k for group, fresh in zip(self.optimizer.param_groups, self.groups)
                 for k, v in fresh.items() if not _same(group.get(k), v)}
-        if self.base_lrs and not _same(list(getattr(self.scheduler, "base_lrs", [])), self.base_lrs):
-            keys.add("initial_lr")
-        return sorted({"lr" if k == "initial_lr" else k for k in keys})  # the schedule's base lr is the lr set
+        return sorted({"lr" if k == "initial_lr" else k for k in keys})  # a schedule's base lr is the lr set
 
     def reapply(self) -> list[str]:
         """After loading a checkpoint: the configured values where they differ, and the schedule's learning rate
@@ -159,8 +156,8 @@ class ConfiguredHyperparameters:
         loaded_initial = [group.get("initial_lr") for group in groups]
         for group, fresh in zip(groups, self.groups):
             group.update(fresh)
-        if self.base_lrs:
-            self.scheduler.base_lrs = list(self.base_lrs)
+        if hasattr(self.scheduler, "base_lrs") and all("initial_lr" in g for g in groups):
+            self.scheduler.base_lrs = [g["initial_lr"] for g in groups]  # as LRScheduler derives them
         if isinstance(self.scheduler, (LambdaLR, OneCycleLR)):  # the toolkit's schedules: a function of the step
             with warnings.catch_warnings():  # get_lr outside step() warns; here it is the point: the lr at this step
                 warnings.simplefilter("ignore", UserWarning)

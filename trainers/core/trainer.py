@@ -261,9 +261,9 @@ class Trainer:
         if self.rt.is_main:  # records past the resumed step (or all, for a fresh start) are redone
             truncate_metrics(self.run_dir / "metrics.jsonl", self.state.global_step)
         if self.resumed_from is not None:
+            notes = self.checkpointer.moved() + self.configured.reapplied()  # every rank: each has its own optimizer
             self.sink.print(f"Resumed from {self.resumed_from} at epoch {self.state.epoch}, step {self.state.global_step}"
-                            f" ({count(self.state.step_in_epoch, 'step')} into the epoch).{self.checkpointer.moved()}"
-                            f"{self.configured.reapplied()}")
+                            f" ({count(self.state.step_in_epoch, 'step')} into the epoch).{notes}")
 
     def _announce(self) -> None:
         devices = self.rt.describe_devices()  # a collective: before the rank-0 branch
