@@ -210,6 +210,18 @@ def stop_check_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
 #: recipe itself on CIFAR-shaped data (10 epochs of 50,000).
 FAST_WORKLOAD = {"cuda": (50_000, 10_000, 1024, 10), "cpu": (1024, 500, 256, 2)}
 QUICK_WORKLOAD = (512, 250, 256, 1)
+#: --quick also narrows the network of the fast-recipe rows to a quarter of airbench94's widths (64/256/256), on
+#: both sides of each row: a smoke run checks that the rows run and report, and full widths cost most of its time.
+QUICK_WIDTHS = (16, 64, 64)
+
+
+def _narrow(quick: bool) -> tuple[str, ...]:
+    """The toolkit's override for QUICK_WIDTHS under --quick (none otherwise)."""
+    return (f"model.widths=[{','.join(map(str, QUICK_WIDTHS))}]",) if quick else ()
+
+
+def _widths(quick: bool) -> tuple[int, int, int]:
+    return QUICK_WIDTHS if quick else (64, 256, 256)
 #: Keys that turn every device-aware default off: fp32, NCHW, eager.
 ALL_OFF = ("train.precision=fp32", "model.channels_last=false", "model.compile=false")
 
@@ -228,10 +240,12 @@ def loop_overhead_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
         accuracy[key].append(acc)
         return seconds
 
+    overrides = (*rp.overrides(), *_narrow(quick))
     if not quick:  # warm-up: allocations, first-step costs
-        toolkit_run(*work[:3], 1, tuple(rp.overrides())), reference_run(*work[:3], 1, device, half=False)
-    kit, ref = interleaved(lambda: timed(lambda: toolkit_run(*work, tuple(rp.overrides())), "kit"),
-                           lambda: timed(lambda: reference_run(*work, device, half=False), "ref"), repeats)
+        toolkit_run(*work[:3], 1, overrides), reference_run(*work[:3], 1, device, half=False)
+    kit, ref = interleaved(lambda: timed(lambda: toolkit_run(*work, overrides), "kit"),
+                           lambda: timed(lambda: reference_run(*work, device, half=False, widths=_widths(quick)),
+                                         "ref"), repeats)
     row = at_most(rp, "toolkit vs a plain loop of its pieces (time)", kit / ref, 1.05,
                   f"{kit:.2f} vs {ref:.2f} s for {work[3]} epoch(s) of {work[0]:,} images")
     return gated(row, statistics.median(accuracy["kit"]), statistics.median(accuracy["ref"]))
@@ -248,8 +262,11 @@ def reference_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     if rp.device == "cuda" and importlib.util.find_spec("airbench") is None:
         return Row(rp.name, f"vs {rp.reference} [{where(rp)}]", float("nan"), "<= 1", None,
                    "the airbench package is not installed: pip install airbench (make gpu-check does)")
-    reference = _published_airbench if rp.device == "cuda" else _independent_airbench
-    overrides = ("model.compile=false",) if rp.device == "cuda" else ("train.precision=fp32", "model.compile=false")
+    published = rp.device == "cuda"
+    overrides = ("model.compile=false",) if published else ("train.precision=fp32", "model.compile=false",
+                                                            *_narrow(quick))  # the package's widths are its own
+    reference: Callable[[tuple[int, int, int, int]], tuple[float, float]] = (
+        _published_airbench if published else lambda w: _independent_airbench(w, _widths(quick)))
     if not quick:  # warm-up, as airbench times itself: compile and autotuning are not timed
         toolkit_run(*work[:3], 1, overrides), reference(work[:3] + (1,))
     accuracy: dict[str, list[float]] = {"kit": [], "ref": []}
@@ -282,11 +299,11 @@ def _workload_tensors(train: int, test: int) -> tuple[torch.Tensor, torch.Tensor
     return fit.images, fit.labels, held_out.images, held_out.labels
 
 
-def _independent_airbench(work: tuple[int, int, int, int]) -> tuple[float, float]:
+def _independent_airbench(work: tuple[int, int, int, int], widths: tuple[int, int, int]) -> tuple[float, float]:
     from bench.reference_airbench import train_and_evaluate
 
     train, test, batch, epochs = work
-    return train_and_evaluate(*_workload_tensors(train, test), epochs=epochs, batch=batch)
+    return train_and_evaluate(*_workload_tensors(train, test), epochs=epochs, batch=batch, widths=widths)
 
 
 def _published_airbench(work: tuple[int, int, int, int]) -> tuple[float, float]:
@@ -301,7 +318,7 @@ def defaults_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     from bench.airbench_loop import toolkit_seconds
 
     work = QUICK_WORKLOAD if quick else FAST_WORKLOAD[rp.device]
-    pin = (f"dist.device={rp.device}",)
+    pin = (f"dist.device={rp.device}", *_narrow(quick))
     auto, off = interleaved(lambda: toolkit_seconds(*work, overrides=pin),
                             lambda: toolkit_seconds(*work, overrides=pin + ALL_OFF), repeats)
     return at_least(rp, "auto vs all off (speed)", off / auto, 1.0, f"{auto:.2f} vs {off:.2f} s")

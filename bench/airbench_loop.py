@@ -86,9 +86,9 @@ def _half_net(net: nn.Module) -> nn.Module:
 
 
 def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.device,
-                  half: bool | None = None) -> tuple[float, float]:
+                  half: bool | None = None, widths: tuple[int, int, int] = (64, 256, 256)) -> tuple[float, float]:
     """The plain airbench94 loop: (seconds, test accuracy with mirror+translate TTA). ``half``: half-precision weights
-    with BatchNorm in fp32, as airbench94 runs on CUDA (default: on CUDA only)."""
+    with BatchNorm in fp32, as airbench94 runs on CUDA (default: on CUDA only); ``widths``: the conv groups'."""
     train_split = synthetic_cifar10(train, SYNTHETIC_SEED, train=True)  # the toolkit's synthetic splits
     test_split = synthetic_cifar10(test, SYNTHETIC_SEED, train=False)
     images, labels = (t.to(device) for t in train_split.tensors)
@@ -101,7 +101,7 @@ def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.
         return to_float(x).to(dtype).contiguous(memory_format=torch.channels_last)
 
     seed_everything(0)
-    model: nn.Module = airbench_net().to(device)
+    model: nn.Module = airbench_net(widths=widths).to(device)
     _sync(device)
     start = time.perf_counter()
     norm_train = normalize(images)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from filelock import FileLock
 
-from tests.dist_utils import REPO, wait_for
+from tests.dist_utils import REPO, run_command, wait_for
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 
@@ -54,6 +57,25 @@ def start_submit(args: list[str], cwd: Path, log: Path) -> tuple[subprocess.Pope
 
     wait_for(printed_job, 120, "the job id printed by submit", poll=0.1)
     return proc, found[0]
+
+
+def straight_long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted reference of the interruption tests: ``submit --local --wait`` of the LONG debug run on 2
+    ranks. Trained once per test session and shared by every test (and parallel worker) that compares with it: a
+    file lock in the session's folder lets the first one train it while the others wait."""
+    # Under xdist each worker has a folder of its own inside the session's; without it the session's is the base.
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run_dir = root / "straight-long" / "run"
+    with FileLock(str(root / "straight-long.lock"), timeout=420):
+        if not (run_dir / "model.pt").is_file():
+            shutil.rmtree(run_dir.parent, ignore_errors=True)
+            run_dir.parent.mkdir(parents=True)
+            done = run_command(submit_cmd("--local", "--tasks-per-node", "2", "--time", "10", "--wait", "-m",
+                                          "trainers.cifar", "--config", str(DEBUG_CONFIG), *LONG, f"run.dir={run_dir}"),
+                               cwd=run_dir.parent, timeout=300, env=job_environ())
+            assert done.returncode == 0, done.stdout + done.stderr
+    return run_dir
 
 
 def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:

@@ -151,3 +151,15 @@ def evaluate_checkpoint(checkpoint: str, run_dir: str) -> dict[str, Any]:
         result = trainer.evaluate()
         trainer.sink.close()
         return result
+
+
+def workers_alive_after_fit(overrides: list[str], run_dir: str) -> int:
+    """DataLoader worker processes of this rank still alive once ``Trainer.fit()`` has returned."""
+    import multiprocessing
+
+    # run_ranks' ranks are daemonic (a stuck one dies with the test), and daemonic processes may not start workers
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+    cfg = load_config(DEBUG_CONFIG, [f"run.dir={run_dir}", "run.progress=quiet", *overrides], schema=CifarConfig)
+    with distributed(cfg.dist) as rt:
+        Trainer(CifarTask(cfg), rt, Path(run_dir)).fit()
+        return len(multiprocessing.active_children())

@@ -20,7 +20,7 @@ import pytest
 
 from tests.dist_utils import REPO, wait_all, wait_for
 from tests.submit_utils import (LONG, LONG_STEPS, assert_every_step_once, assert_same_weights, job_environ, records,
-                                start_submit, submit_cmd)
+                                start_submit, straight_long_run, submit_cmd)
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 # Subprocess bound for one SLURM command; the pytest timeout below leaves room for clean-up.
@@ -195,15 +195,13 @@ def test_submit_wait_two_ranks_trains_to_completion(tmp_path: Path) -> None:
     assert "checkpoint step-" not in logs[1].read_text(), "only rank 0 writes and reports checkpoints"
 
 
-def test_submitted_job_survives_time_limit_signal_and_preemption(tmp_path: Path) -> None:
+def test_submitted_job_survives_time_limit_signal_and_preemption(tmp_path: Path,
+                                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
     """The time-limit signal (USR2, submitit's) and then a preemption (`scontrol requeue`: SIGTERM) hit
     the same job; each time it checkpoints and is requeued, and it ends with the weights of an
     uninterrupted run of the same configuration."""
     common = ["--tasks-per-node", "2", "--time", "10", "-m", "trainers.cifar", "--config", str(DEBUG_CONFIG), *LONG]
-    straight = subprocess.run(submit_cmd("--local", "--wait", *common, f"run.dir={tmp_path / 'straight'}"),
-                              cwd=tmp_path, env=job_environ(), capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S)
-    assert straight.returncode == 0, straight.stdout + straight.stderr
+    straight = straight_long_run(tmp_path_factory)
 
     run_dir = tmp_path / "interrupted"
     proc, job = start_submit([*common, f"run.dir={run_dir}"], tmp_path, tmp_path / "submit.log")
@@ -226,7 +224,7 @@ def test_submitted_job_survives_time_limit_signal_and_preemption(tmp_path: Path)
     assert log.count("Stop signal received: checkpoint written") == 2, log[-3000:]
     assert "Requeued job" in log, "the time-limit signal was handed to submitit, which requeued the job"
     assert_every_step_once(run_dir, LONG_STEPS)
-    assert_same_weights(run_dir, tmp_path / "straight")
+    assert_same_weights(run_dir, straight)
 
 
 @pytest.mark.parametrize("template", ["cifar.sbatch", "torchrun.sbatch"])

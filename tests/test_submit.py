@@ -20,7 +20,8 @@ from launcher.submit import TrainJob, add_parser, expand_sweep, ranks_per_node, 
 from tests.dist_utils import REPO, run_command, wait_all, wait_for
 from tests.gated_task import GATE_VARIABLE
 from tests.submit_utils import (DEBUG_CONFIG, LONG, LONG_STEPS, assert_every_step_once, assert_same_weights,
-                                job_environ, records, start_submit, submit_cmd)
+                                job_environ, records, start_submit, straight_long_run,
+                                submit_cmd)
 
 GOLDEN = Path(__file__).parent / "golden" / "submit_dry_run.sbatch"
 
@@ -129,14 +130,13 @@ def test_local_two_ranks_complete_and_report_the_run_directory(tmp_path: Path, t
         assert (run_dirs[0] / "checkpoints" / "step-00000006" / "__1_0.distcp").is_file()
 
 
-def test_local_job_stopped_by_submitits_signal_requeues_and_matches(tmp_path: Path) -> None:
+def test_local_job_stopped_by_submitits_signal_requeues_and_matches(tmp_path: Path,
+                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     """USR2 (submitit's preemption / time-limit signal) mid-run: the trainer checkpoints, submitit requeues,
     the job resumes at the next unseen batch and ends with the weights of an uninterrupted job."""
     common = ["--local", "--tasks-per-node", "2", "--time", "10", "--wait", "-m", "trainers.cifar", "--config",
               str(DEBUG_CONFIG), *LONG]
-    straight = run_command(submit_cmd(*common, f"run.dir={tmp_path / 'straight'}"), cwd=tmp_path,
-                           timeout=300, env=job_environ())
-    assert straight.returncode == 0, straight.stdout + straight.stderr
+    straight = straight_long_run(tmp_path_factory)
 
     run_dir = tmp_path / "stopped"
     proc, job = start_submit([*common, f"run.dir={run_dir}"], tmp_path, tmp_path / "submit.log")
@@ -149,7 +149,7 @@ def test_local_job_stopped_by_submitits_signal_requeues_and_matches(tmp_path: Pa
     starts = records(run_dir, "start")
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] > 0, starts
     assert_every_step_once(run_dir, LONG_STEPS)
-    assert_same_weights(run_dir, tmp_path / "straight")
+    assert_same_weights(run_dir, straight)
 
 
 def test_time_limit_requeues_are_capped(tmp_path: Path) -> None:

@@ -251,6 +251,9 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def close(self) -> None:
+        """Nothing to stop: no worker processes."""
+
 
 class HostLoader:
     """A torch DataLoader over any map-style Dataset; samples fetched under per-sample seeds."""
@@ -275,6 +278,16 @@ class HostLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes now (persistent ones outlive each epoch). Left to the garbage collector, an
+        iterator in a reference cycle loses its queues' feeder threads before its own clean-up runs (weakref
+        callbacks come first), so its workers are never told to stop and are joined after 5 s each."""
+        iterator = self.loader._iterator  # DataLoader has no public way to end its workers
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader._iterator = None
 
 
 def build_loaders(cfg: Any, world_size: int, rank: int, device: torch.device, train: Any, evaluation: Any,

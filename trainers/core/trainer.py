@@ -138,6 +138,7 @@ class Trainer:
             self._report_end(result, model)
         finally:
             self.agreement.flag.restore()
+            self.train_loader.close()  # its persistent workers, before the process group goes
             self.checkpointer.close()
             self.sink.close()
         return {**result, "global_step": self.state.global_step}
@@ -176,8 +177,7 @@ class Trainer:
                 break
             with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
                 self.log.stepped(self.train_step(batch, index, epoch))
-            self.state.step_in_epoch += 1
-            self.state.global_step += 1
+            self.state.step_in_epoch, self.state.global_step = self.state.step_in_epoch + 1, self.state.global_step + 1
             step = self.state.global_step
             self.task.after_step(unwrap(self.model), step, self.total_steps)
             self.sink.advance(step, epoch)
