@@ -141,7 +141,83 @@ def start_ranks(args: Sequence[str], world_size: int, env: dict[str, str] | None
     return procs
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float, logs: Path | None = None,
+class ForkedRank:
+    """A rank of ``fork_ranks``, with the methods of ``subprocess.Popen`` that the tests use."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+        self.pid: int = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"rank {self.pid}", timeout or 0)
+        return int(self.process.exitcode)
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def _cli_rank(args: list[str], environ: dict[str, str], log: str) -> None:
+    """``python -m <args>`` in a process forked from the server: the module runs as ``__main__`` with the rank's
+    environment, output to ``log``; exits with the module's exit status after the atexit handlers, as python does."""
+    import atexit
+    import runpy
+
+    mp.set_start_method(None, force=True)  # the platform's default again (a forked server child would use its own)
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(REPO)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    import torch  # already imported by the server: its thread count must follow this rank's environment
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    sys.argv = list(args)
+    code = 0
+    try:
+        runpy.run_module(args[0], run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def fork_ranks(args: Sequence[str], world_size: int, log_dir: Path, env: dict[str, str] | None = None) -> list[ForkedRank]:
+    """``start_ranks`` without the interpreter start-up: each rank is forked from the server that imported torch and
+    the trainers once (see run_ranks) and runs ``python -m <args>`` there, as its own process (signals, exit status,
+    DataLoader workers and files as a fresh one). For the tests whose subject is a run, not how a process starts."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    port = free_port()
+    ranks = []
+    for rank in range(world_size):
+        environ = {**os.environ, "OMP_NUM_THREADS": "1", **rank_environ(rank, world_size, port), **(env or {})}
+        process = ctx.Process(target=_cli_rank, args=(list(args), environ, str(log_dir / f"rank{rank}.log")))
+        process.start()
+        ranks.append(ForkedRank(process))
+    return ranks
+
+
+def wait_all(procs: Sequence[subprocess.Popen | ForkedRank], timeout: float, logs: Path | None = None,
              log_file: Path | None = None) -> list[int]:
     """Exit codes of all processes; kills them all and fails the test, showing their logs (rank logs
     under ``logs``, or one ``log_file``), if the deadline passes."""

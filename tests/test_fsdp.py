@@ -14,7 +14,7 @@ import torch
 
 from launcher.export import export
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, shard_bytes, train_trace
 
 CONFIG = ["--config", str(REPO / "configs" / "lm_debug.yaml")]
@@ -90,7 +90,7 @@ ARGS = ["tests.ledger_lm", *CONFIG, *SMALL, "train.epochs=2", "run.log_every=1",
 
 
 def _interrupt(run_dir: Path, world: int, strategy: str, tmp_path: Path, at_step: int = 8) -> None:
-    procs = start_ranks([*ARGS, strategy, f"run.dir={run_dir}"], world, log_dir=tmp_path)
+    procs = fork_ranks([*ARGS, strategy, f"run.dir={run_dir}"], world, tmp_path)
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count('"train"') >= at_step
              or procs[0].poll() is not None, 240, f"step {at_step}")
@@ -102,7 +102,7 @@ def _interrupt(run_dir: Path, world: int, strategy: str, tmp_path: Path, at_step
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted sharded run at 2 ranks: the reference of the resume tests (several read it)."""
     tmp = tmp_path_factory.mktemp("straight")
-    assert wait_all(start_ranks([*ARGS, FSDP, f"run.dir={tmp / 'run'}"], 2, log_dir=tmp), 300, tmp) == [0, 0]
+    assert wait_all(fork_ranks([*ARGS, FSDP, f"run.dir={tmp / 'run'}"], 2, tmp), 300, tmp) == [0, 0]
     return tmp / "run"
 
 
@@ -111,14 +111,14 @@ def test_sigterm_then_resume_at_the_same_world_size_is_bit_identical(straight: P
                                                                      writing: list[str]) -> None:
     """Async: DCP writes every few steps in the background (on a gloo group of its own) while training goes on."""
     broken = tmp_path / "broken"
-    procs = start_ranks([*ARGS, FSDP, *writing, f"run.dir={broken}"], 2, log_dir=tmp_path)
+    procs = fork_ranks([*ARGS, FSDP, *writing, f"run.dir={broken}"], 2, tmp_path)
     metrics = broken / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count('"train"') >= 8 or procs[0].poll() is not None,
              240, "step 8")
     procs[0].send_signal(signal.SIGTERM)
     assert wait_all(procs, 120, tmp_path) == [PREEMPTED_EXIT_CODE] * 2
     assert [p.name for p in (broken / "checkpoints").iterdir() if p.name.startswith("step-")], "no sharded checkpoint"
-    assert wait_all(start_ranks([*ARGS, FSDP, *writing, f"run.dir={broken}"], 2, log_dir=tmp_path), 300,
+    assert wait_all(fork_ranks([*ARGS, FSDP, *writing, f"run.dir={broken}"], 2, tmp_path), 300,
                     tmp_path) == [0, 0]
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (straight, broken))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
@@ -134,7 +134,7 @@ def test_resume_at_another_world_size_continues_every_step_with_the_same_samples
     """The reference is the sharded run: the samples of each step do not depend on the strategy either."""
     run_dir = tmp_path / "run"
     _interrupt(run_dir, before, strategy, tmp_path)
-    result = wait_all(start_ranks([*ARGS, strategy, f"run.dir={run_dir}"], after, log_dir=tmp_path), 300, tmp_path)
+    result = wait_all(fork_ranks([*ARGS, strategy, f"run.dir={run_dir}"], after, tmp_path), 300, tmp_path)
     assert result == [0] * after
     log = (tmp_path / "rank0.log").read_text()
     assert f"Resumed at {after} rank{'s' if after > 1 else ''} from a checkpoint written by {before}." in log, log[-3000:]
@@ -154,7 +154,7 @@ def test_resume_at_a_world_size_the_global_batch_does_not_divide_names_the_value
     run_dir = tmp_path / "run"
     _interrupt(run_dir, 2, FSDP, tmp_path)
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    result = wait_all(start_ranks([*ARGS, FSDP, f"run.dir={run_dir}"], 3, log_dir=tmp_path), 120, tmp_path)
+    result = wait_all(fork_ranks([*ARGS, FSDP, f"run.dir={run_dir}"], 3, tmp_path), 120, tmp_path)
     assert result == [2, 2, 2]
     log = (tmp_path / "rank0.log").read_text()
     assert "train.batch_size=16 (the global batch) does not divide into 3 ranks" in log and "15 or 18" in log, log
@@ -168,7 +168,7 @@ def test_a_damaged_newest_sharded_checkpoint_falls_back_to_the_previous(straight
     assert len(folders) == 2, folders
     shard = next(folders[-1].glob("__1_*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
-    assert wait_all(start_ranks([*ARGS, FSDP, f"run.dir={run_dir}"], 2, log_dir=tmp_path), 300, tmp_path) == [0, 0]
+    assert wait_all(fork_ranks([*ARGS, FSDP, f"run.dir={run_dir}"], 2, tmp_path), 300, tmp_path) == [0, 0]
     log = (tmp_path / "rank0.log").read_text()
     assert f"{folders[-1]} is unusable" in log and f"resuming from {folders[0].name} instead" in log, log[-3000:]
     assert "Resumed from" in log and "step 35" in log

@@ -13,7 +13,7 @@ import torch
 
 from launcher.errors import DatasetUnavailable
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, train_trace
 from trainers.lm import sample_command
 from trainers.lm_data import MarkovSource, read_corpus
@@ -70,14 +70,14 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     args = ["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml"), *SMALL, "train.epochs=2",
             "run.log_every=1", "run.deterministic=true", "run.progress=lines", "sample.tokens=0"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert wait_all(start_ranks([*args, f"run.dir={straight}"], 2, log_dir=tmp_path), 300, tmp_path) == [0, 0]
-    procs = start_ranks([*args, f"run.dir={broken}"], 2, log_dir=tmp_path)
+    assert wait_all(fork_ranks([*args, f"run.dir={straight}"], 2, tmp_path), 300, tmp_path) == [0, 0]
+    procs = fork_ranks([*args, f"run.dir={broken}"], 2, tmp_path)
     metrics = broken / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count('"train"') >= 8 or procs[0].poll() is not None,
              240, "step 8")
     procs[0].send_signal(signal.SIGTERM)
     assert wait_all(procs, 120, tmp_path) == [PREEMPTED_EXIT_CODE] * 2
-    assert wait_all(start_ranks([*args, f"run.dir={broken}"], 2, log_dir=tmp_path), 300, tmp_path) == [0, 0]
+    assert wait_all(fork_ranks([*args, f"run.dir={broken}"], 2, tmp_path), 300, tmp_path) == [0, 0]
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (straight, broken))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
     losses = [[(r["step"], r["loss"]) for r in _records(d, "train")] for d in (straight, broken)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.dist_utils import PYTHON, run_command, start_ranks, wait_all
+from tests.dist_utils import PYTHON, fork_ranks, run_command, wait_all
 from tests.tasks import DEBUG_CONFIG
 from trainers.core.checkpoint import CheckpointManager
 from trainers.core.nonfinite import DIVERGED_EXIT_CODE
@@ -32,7 +32,7 @@ def test_a_diverging_run_stops_every_rank_and_keeps_its_good_checkpoints(tmp_pat
     # after the resume (global step 19) gets NaN inputs, so its loss and every weight after it are NaN.
     args = ["tests.nan_task", *QUICK, f"run.dir={run_dir}", "train.epochs=3", "checkpoint.keep_last=1",
             "checkpoint.every_steps=2", "run.log_every=5"]
-    codes = wait_all(start_ranks(args, 2, log_dir=tmp_path, env={"NAN_STEPS": "3"}), 240, tmp_path)
+    codes = wait_all(fork_ranks(args, 2, tmp_path, env={"NAN_STEPS": "3"}), 240, tmp_path)
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
     assert codes == [DIVERGED_EXIT_CODE] * 2, logs[0][-3000:]
     message = [line for line in logs[0].splitlines() if line.startswith("error: Training diverged")]

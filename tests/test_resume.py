@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint, train_trace
 from trainers.core.checkpoint import FORMAT, CheckpointManager
 
@@ -44,7 +44,7 @@ def _last_step(run_dir: Path) -> int:
 
 def _run_ranks_to_end(args: list[str], world: int, logs: Path, timeout: float = 300) -> list[int]:
     logs.mkdir(parents=True, exist_ok=True)
-    return wait_all(start_ranks(args, world, log_dir=logs), timeout, logs)
+    return wait_all(fork_ranks(args, world, logs), timeout, logs)
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -80,7 +80,7 @@ def test_sigterm_to_one_rank_then_resume_is_bit_identical(tmp_path: Path, straig
 
     logs = tmp_path / "logs-b"
     logs.mkdir()
-    procs = start_ranks(_train_args(broken, *writes), 2, log_dir=logs)
+    procs = fork_ranks(_train_args(broken, *writes), 2, logs)
     wait_for(lambda: _last_step(broken) >= 10 or any(p.poll() is not None for p in procs), 240,
              "the interrupted run to reach step 10")
     procs[1].send_signal(signal.SIGTERM)  # one rank is enough: the ranks agree at the next step

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tests.dist_utils import run_ranks, start_ranks, wait_all
+from tests.dist_utils import fork_ranks, run_ranks, wait_all
 from tests.tasks import DEBUG_CONFIG
 from trainers.core.parallel import GlooSyncBatchNorm, convert_sync_batchnorm
 from trainers.models import tiny_cnn
@@ -137,7 +137,7 @@ def test_frozen_layers_stay_frozen_under_cpu_syncbn_on_two_ranks(tmp_path) -> No
     run_dir = tmp_path / "run"
     args = ["trainers.cifar", "--config", str(DEBUG_CONFIG), "model.width=8", "train.epochs=1", "model.sync_bn=true",
             f"model.init_from={start}", "model.freeze=5,9", f"run.dir={run_dir}", "run.progress=quiet"]
-    assert wait_all(start_ranks(args, 2, log_dir=tmp_path), 240, tmp_path) == [0, 0], (tmp_path / "rank0.log").read_text()
+    assert wait_all(fork_ranks(args, 2, tmp_path), 240, tmp_path) == [0, 0], (tmp_path / "rank0.log").read_text()
     before = torch.load(start, weights_only=True)
     after = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in frozen), "frozen tensors moved"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, train_trace, workers_alive_after_fit
 from trainers.core.checkpoint import CheckpointManager
 
@@ -84,7 +84,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 def _run(run_dir: Path, logs: Path) -> list[int]:
     logs.mkdir(parents=True, exist_ok=True)
-    return wait_all(start_ranks(["tests.augmented_task", f"run.dir={run_dir}", *RESUME], 2, log_dir=logs), 240, logs)
+    return wait_all(fork_ranks(["tests.augmented_task", f"run.dir={run_dir}", *RESUME], 2, logs), 240, logs)
 
 
 def test_own_keys_own_state_and_worker_transforms_resume_bit_exactly(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_own_keys_own_state_and_worker_transforms_resume_bit_exactly(tmp_path: P
 
     logs = tmp_path / "logs-b"
     logs.mkdir()
-    procs = start_ranks(["tests.augmented_task", f"run.dir={broken}", *RESUME], 2, log_dir=logs)
+    procs = fork_ranks(["tests.augmented_task", f"run.dir={broken}", *RESUME], 2, logs)
     wait_for(lambda: len(_records(broken)) >= 7 or any(p.poll() is not None for p in procs), 200, "step 7")
     procs[0].send_signal(signal.SIGTERM)
     assert wait_all(procs, 120, logs) == [PREEMPTED_EXIT_CODE] * 2, (logs / "rank0.log").read_text()[-3000:]
