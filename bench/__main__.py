@@ -221,7 +221,12 @@ def _narrow(quick: bool) -> tuple[str, ...]:
 
 
 def _widths(quick: bool) -> tuple[int, int, int]:
-    return QUICK_WIDTHS if quick else (64, 256, 256)
+    """The reference loops' widths: QUICK_WIDTHS under --quick, airbench94's otherwise."""
+    from trainers.models import AIRBENCH_WIDTHS
+
+    return QUICK_WIDTHS if quick else AIRBENCH_WIDTHS
+
+
 #: Keys that turn every device-aware default off: fp32, NCHW, eager.
 ALL_OFF = ("train.precision=fp32", "model.channels_last=false", "model.compile=false")
 

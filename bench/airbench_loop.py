@@ -38,7 +38,7 @@ from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
 from trainers.core.data import Normalize, shifted_crops
 from trainers.core.optim import triangle
 from trainers.core.trainer import Trainer
-from trainers.models import airbench_net, init_whitening, whitening_layer
+from trainers.models import AIRBENCH_WIDTHS, airbench_net, init_whitening, whitening_layer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def _half_net(net: nn.Module) -> nn.Module:
 
 
 def reference_run(train: int, test: int, batch: int, epochs: int, device: torch.device,
-                  half: bool | None = None, widths: tuple[int, int, int] = (64, 256, 256)) -> tuple[float, float]:
+                  half: bool | None = None, widths: tuple[int, int, int] = AIRBENCH_WIDTHS) -> tuple[float, float]:
     """The plain airbench94 loop: (seconds, test accuracy with mirror+translate TTA). ``half``: half-precision weights
     with BatchNorm in fp32, as airbench94 runs on CUDA (default: on CUDA only); ``widths``: the conv groups'."""
     train_split = synthetic_cifar10(train, SYNTHETIC_SEED, train=True)  # the toolkit's synthetic splits

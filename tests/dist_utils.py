@@ -148,10 +148,6 @@ class ForkedRank:
         self.process = process
         self.pid: int = process.pid
 
-    @property
-    def returncode(self) -> int | None:
-        return self.process.exitcode
-
     def poll(self) -> int | None:
         return self.process.exitcode
 

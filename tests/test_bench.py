@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.__main__ import QUICK_WIDTHS
 from bench.airbench_loop import reference_run
 from bench.plan import ROW_NAMES, Hardware, plan
 from bench.reference_airbench import train_and_evaluate
@@ -19,8 +20,9 @@ from trainers.cifar import SYNTHETIC_SEED
 from trainers.cifar_data import synthetic_cifar10
 
 
-#: A quarter of airbench94's widths: the loops are what these check, and narrow nets learn as well in 2 epochs here.
-NARROW = (16, 64, 64)
+#: The quick bench's widths (a quarter of airbench94's): the loops are what these check, and narrow nets learn as well
+#: in 2 epochs here.
+NARROW = QUICK_WIDTHS
 
 
 def test_airbench_reference_loop_learns_synthetic_cifar() -> None:

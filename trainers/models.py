@@ -32,6 +32,8 @@ def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
 
 #: Output channels of the fixed 2x2 whitening convolution: +/- the 12 eigen-directions of 2x2x3 patches.
 WHITEN_CHANNELS = 24
+#: The conv groups' widths of airbench94 (sized for an A100; configs/cifar_fast_cpu.yaml uses a quarter of them).
+AIRBENCH_WIDTHS = (64, 256, 256)
 
 
 class _Scale(nn.Module):
@@ -62,7 +64,7 @@ def _group(cin: int, cout: int) -> list[nn.Module]:
     return [_conv(cin, cout), nn.MaxPool2d(2), _norm(cout), nn.GELU(), _conv(cout, cout), _norm(cout), nn.GELU()]
 
 
-def airbench_net(num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)) -> nn.Sequential:
+def airbench_net(num_classes: int = 10, widths: tuple[int, int, int] = AIRBENCH_WIDTHS) -> nn.Sequential:
     """The network of the airbench94 recipe: a frozen 2x2 whitening convolution (set from the data by
     ``init_whitening``), three conv groups (conv, max-pool, BN, GELU, conv, BN, GELU), a 3x3 max-pool and a
     bias-free linear layer whose outputs are scaled by 1/9."""
@@ -97,7 +99,7 @@ def whitening_layer(model: nn.Module) -> nn.Conv2d:
 
 
 def build_model(name: str, width: int, num_classes: int = 10,
-                widths: tuple[int, int, int] = (64, 256, 256)) -> nn.Module:
+                widths: tuple[int, int, int] = AIRBENCH_WIDTHS) -> nn.Module:
     """The model named by ``model.name`` (``width`` is the tiny CNN's, ``widths`` the airbench net's; CifarConfig.check
     rejects them for the other models)."""
     if name == "tiny":

@@ -45,6 +45,12 @@ class TrainState:
     step_in_epoch: int = 0  # optimizer steps done inside ``epoch``
     global_step: int = 0  # optimizer steps done in total
 
+    def advance(self) -> int:
+        """One optimizer step done; returns the new global step."""
+        self.step_in_epoch += 1
+        self.global_step += 1
+        return self.global_step
+
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -177,8 +177,7 @@ class Trainer:
                 break
             with self.rt.phase("training step"):  # DDP's gradient all-reduce happens in here
                 self.log.stepped(self.train_step(batch, index, epoch))
-            self.state.step_in_epoch, self.state.global_step = self.state.step_in_epoch + 1, self.state.global_step + 1
-            step = self.state.global_step
+            step = self.state.advance()
             self.task.after_step(unwrap(self.model), step, self.total_steps)
             self.sink.advance(step, epoch)
             if step % self.cfg.run.log_every == 0:
