@@ -177,7 +177,8 @@ def checkpoint_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
         with tempfile.TemporaryDirectory() as run_dir:
             cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
                 f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", *rp.overrides(),
-                f"checkpoint.async={str(background).lower()}"], schema=CifarConfig)
+                f"checkpoint.async={str(background).lower()}", *(["data.synthetic_train_size=1024"] if quick else [])],
+                schema=CifarConfig)
             with distributed(cfg.dist, resolve_env({})) as rt:
                 trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
                 trainer.train_epoch(0)  # warm-up
@@ -337,7 +338,7 @@ def cpu_recipe_row(rp: RowPlan, repeats: int, quick: bool, data: Path | None) ->
 
     real = data is not None and (data / "cifar-10-batches-py").is_dir()
     source = [f"data.root={data}", "data.synthetic=false", "data.download=false"] if real else []
-    train, test, batch = (512, 250, 256) if quick else (0, 0, 256)  # 0: the whole real split
+    train, test, batch = (256, 250, 128) if quick else (0, 0, 256)  # 0: the whole real split
     full_epochs = 1 if quick else 10
     cpu_epochs = 2 if quick else 20
     common = (*rp.overrides(), *source)

@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: What the ranks' fork server imports once (see rank_context).
-PRELOAD = ["torch", "launcher.runtime", "trainers.core.trainer", "trainers.cifar", "trainers.lm"]
+#: What the ranks' fork server imports once (see rank_context). torch's optimizers import torch._dynamo when the first
+#: one is built (about 2 s of CPU here), so every rank would.
+PRELOAD = ["torch", "torch._dynamo", "launcher.runtime", "trainers.core.trainer", "trainers.cifar", "trainers.lm"]
 
 
 def rank_context() -> Any:

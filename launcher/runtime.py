@@ -227,7 +227,10 @@ def configure_determinism(deterministic: bool) -> None:
     """Deterministic kernels when asked (exact reproducibility), fastest kernels otherwise."""
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        # torch's setter imports the whole of inductor and dynamo (about 1.5 s of start-up on a CPU) to set its flag
+        # there too; off, the default of both, needs no call.
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 

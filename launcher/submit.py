@@ -34,8 +34,10 @@ from launcher.config import SlurmConfig
 from launcher.errors import UserError
 from launcher.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS, last_stop_signal
 
-#: How often ``--wait`` asks SLURM whether the job still exists.
+#: How often ``--wait`` asks SLURM whether the job still exists, and how often it looks at a local job (a process of
+#: this machine: asking costs nothing, so ``--local --wait`` returns as soon as the job ends).
 POLL_S = 2.0
+LOCAL_POLL_S = 0.1
 
 
 class SubmitError(UserError):
@@ -338,7 +340,7 @@ def wait_for(jobs: Sequence[Any], local: bool) -> int:
     status = 0
     for job in jobs:
         while not _ended(job, local):
-            time.sleep(POLL_S)
+            time.sleep(LOCAL_POLL_S if local else POLL_S)
         status = status or _outcome(job)
     return status
 

@@ -41,8 +41,9 @@ def rank_environ(rank: int, world_size: int, port: int) -> dict[str, str]:
             "MASTER_PORT": str(port)}
 
 
-# What the fork server imports once: everything a rank function needs that costs start-up time.
-PRELOAD = ["torch", "tests.tasks", "trainers.lm", "torch.distributed.checkpoint"]
+# What the fork server imports once: everything a rank function needs that costs start-up time. torch's optimizers
+# import torch._dynamo when the first one is built (about 2 s of CPU here), so every rank that trains would.
+PRELOAD = ["torch", "torch._dynamo", "tests.tasks", "trainers.lm", "torch.distributed.checkpoint"]
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any,
