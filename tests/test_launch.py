@@ -119,3 +119,15 @@ def test_a_stopped_rank_fails_the_job_in_bounded_time_naming_the_phase(tmp_path:
     log = (logs / "rank0.log").read_text()
     assert code0 == 3, log[-3000:]
     assert "in phase '" in log and "dist.timeout_s=5" in log
+
+
+def test_determinism_switches_both_ways_and_off_imports_no_compiler() -> None:
+    """run.deterministic turns torch's deterministic algorithms on and off again; a run that leaves it off (the
+    default) does not import inductor for it, whose import torch's setter would add to every run's start-up."""
+    probe = ("import sys, torch\nfrom launcher.runtime import configure_determinism\n"
+             "configure_determinism(False)\nprint('inductor after off:', 'torch._inductor' in sys.modules)\n"
+             "configure_determinism(True)\nprint('on:', torch.are_deterministic_algorithms_enabled())\n"
+             "configure_determinism(False)\nprint('off again:', torch.are_deterministic_algorithms_enabled())")
+    result = run_command([PYTHON, "-c", probe], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["inductor after off: False", "on: True", "off again: False"], result.stdout
