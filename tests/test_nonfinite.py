@@ -5,6 +5,7 @@ number in a row). Real processes, CPU."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -36,7 +37,10 @@ def test_a_diverging_run_stops_every_rank_and_keeps_its_good_checkpoints(tmp_pat
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
     assert codes == [DIVERGED_EXIT_CODE] * 2, logs[0][-3000:]
     message = [line for line in logs[0].splitlines() if line.startswith("error: Training diverged")]
-    assert len(message) == 1 and "step-00000018.pt" in message[0] and "noticed at step 20" in message[0], logs[0][-2000:]
+    assert len(message) == 1 and "step-00000018.pt" in message[0], logs[0][-2000:]
+    # Noticed where the ranks next compare notes: the stop agreement, which runs about every 0.2 s of training (every
+    # step when steps are slow, as under load), or the log line of step 20, whichever comes first; never later.
+    assert re.findall(r"noticed at step (\d+)", message[0]) in (["19"], ["20"]), message[0]
     assert "Training diverged" not in logs[1], "every rank stops; rank 0 alone says why"
     assert "changed since the last run: train.epochs: 1 -> 3" in logs[0], "a resume names what changed"
     # step 16 stays as the best (the only evaluated one), step 18 as the newest; nothing after the NaN
