@@ -1,5 +1,8 @@
 """Helpers for real multi-process (gloo, CPU) tests, each bounded in time.
 
+``run_command`` runs a command in a fresh process; ``run_cli``, ``fork_ranks`` and ``run_ranks`` fork theirs from a
+server instead (below), for the tests whose subject is what a run does rather than how an interpreter starts.
+
 ``run_ranks(fn, world_size)`` starts ``world_size`` fresh processes with the torchrun variables set,
 calls ``fn(*args)`` in each and returns the results in rank order. They are forked from a server that imported
 torch and the trainers once per test session (a rank then starts in milliseconds instead of the ~3 s of importing
@@ -18,6 +21,7 @@ import queue
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -64,8 +68,7 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
     """Results of ``fn(*args)`` on ``world_size`` gloo-ready ranks, in rank order."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx = _server()
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out, dict(os.environ)), daemon=True)
@@ -165,25 +168,36 @@ class ForkedRank:
         self.process.kill()
 
 
-def _cli_rank(args: list[str], environ: dict[str, str], log: str) -> None:
-    """``python -m <args>`` in a process forked from the server: the module runs as ``__main__`` with the rank's
-    environment, output to ``log``; exits with the module's exit status after the atexit handlers, as python does."""
+def _server() -> Any:
+    """The fork server of this test process (started on first use; see run_ranks)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _cli_process(args: list[str], environ: dict[str, str], stdout: str, stderr: str, cwd: str) -> None:
+    """``python -m <args>`` in a process forked from the server: the module runs as ``__main__`` from its source with
+    the given environment and working directory, output to the files ``stdout`` and ``stderr`` (may be the same);
+    exits with the module's exit status after the atexit handlers, as python does."""
     import atexit
     import runpy
 
     mp.set_start_method(None, force=True)  # the platform's default again (a forked server child would use its own)
     os.environ.clear()
     os.environ.update(environ)
-    os.chdir(REPO)
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.chdir(cwd)
+    out = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(out, 1)
-    os.dup2(out, 2)
+    os.dup2(out if stderr == stdout else os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    import torch  # already imported by the server: its thread count must follow this rank's environment
+    import torch  # already imported by the server: its thread count must follow this process's environment
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.argv = list(args)
+    # The server may have imported the module (a dependency of what it preloads): `python -m` runs it afresh as
+    # __main__, and so does this (runpy would warn that it found it in sys.modules).
+    sys.modules.pop(args[0], None)
     code = 0
     try:
         runpy.run_module(args[0], run_name="__main__", alter_sys=True)
@@ -202,16 +216,38 @@ def fork_ranks(args: Sequence[str], world_size: int, log_dir: Path, env: dict[st
     """``start_ranks`` without the interpreter start-up: each rank is forked from the server that imported torch and
     the trainers once (see run_ranks) and runs ``python -m <args>`` there, as its own process (signals, exit status,
     DataLoader workers and files as a fresh one). For the tests whose subject is a run, not how a process starts."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx = _server()
     port = free_port()
     ranks = []
     for rank in range(world_size):
         environ = {**os.environ, "OMP_NUM_THREADS": "1", **rank_environ(rank, world_size, port), **(env or {})}
-        process = ctx.Process(target=_cli_rank, args=(list(args), environ, str(log_dir / f"rank{rank}.log")))
+        log = str(log_dir / f"rank{rank}.log")
+        process = ctx.Process(target=_cli_process, args=(list(args), environ, log, log, str(REPO)))
         process.start()
         ranks.append(ForkedRank(process))
     return ranks
+
+
+def run_cli(args: Sequence[str], timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """``run_command([PYTHON, "-m", *args])`` without the interpreter start-up (about 3.5 s of CPU, most of such a
+    run): the module runs in one process forked from the server (see fork_ranks), with the test's environment, ``cwd``,
+    its own stdout and stderr, and its exit status (-N if a signal ended it). For the tests whose subject is what a
+    run does; the tests of how a fresh process starts (imports, the launch modes, signals) keep run_command."""
+    with tempfile.TemporaryDirectory(prefix="run_cli-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        process = _server().Process(target=_cli_process, args=(list(args), environ, str(out), str(err), str(cwd)))
+        process.start()
+        process.join(timeout)
+        hung = process.exitcode is None
+        if hung:
+            process.kill()
+            process.join(10)
+        stdout, stderr = (f.read_text(errors="replace") if f.exists() else "" for f in (out, err))
+        if hung:
+            pytest.fail(f"python -m {' '.join(args)} did not exit within {timeout}s; output so far:\n{stdout}\n{stderr}")
+        return subprocess.CompletedProcess([PYTHON, "-m", *args], process.exitcode, stdout, stderr)
 
 
 def wait_all(procs: Sequence[subprocess.Popen | ForkedRank], timeout: float, logs: Path | None = None,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, run_ranks, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint, train_trace
 from trainers.core.checkpoint import FORMAT, CheckpointManager
 
@@ -112,9 +112,8 @@ def test_sigkill_while_checkpoint_is_written_keeps_previous_and_resumes(tmp_path
     # ResNet-18 checkpoints (~130 MB with momentum) take long enough to write to be caught mid-write.
     args = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "model.name=resnet18",
             "model.width=64", "data.synthetic_train_size=160", "train.batch_size=16", "train.epochs=1",
-            "checkpoint.every_steps=1", "run.progress=lines"]
-    proc = subprocess.Popen([PYTHON, "-m", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            "checkpoint.every_steps=1", "run.progress=lines", "data.synthetic_test_size=16"]  # (the writes matter)
+    proc = fork_ranks(args, 1, tmp_path)[0]
 
     def writing() -> bool:
         names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
@@ -136,8 +135,7 @@ def test_sigkill_while_checkpoint_is_written_keeps_previous_and_resumes(tmp_path
 
     wait_for(frozen_mid_write, 240, "a checkpoint write after the first checkpoint", poll=0.001)
     proc.kill()
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-write"
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed mid-write"
     assert any(".tmp" in n for n in os.listdir(ckpt_dir)), "the kill should have left a partial temp file"
 
     found = CheckpointManager(ckpt_dir).load_latest()
@@ -145,7 +143,7 @@ def test_sigkill_while_checkpoint_is_written_keeps_previous_and_resumes(tmp_path
     resumed_step = found[0]["train_state"]["global_step"]
     assert resumed_step >= 1
 
-    result = run_command([PYTHON, "-m", *args], timeout=300)
+    result = run_cli(args, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"at epoch 0, step {resumed_step}" in result.stdout
     assert not any(".tmp" in n for n in os.listdir(ckpt_dir)), "stale temp files are cleaned up"
@@ -156,13 +154,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     base = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "run.progress=lines",
             "checkpoint.keep_last=5"]
-    first = run_command([PYTHON, "-m", *base], timeout=300)
+    first = run_cli(base, timeout=300)
     assert first.returncode == 0, first.stderr
     newest = run_dir / "checkpoints" / "step-00000032.pt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk or a lost node
 
-    again = run_command([PYTHON, "-m", *base, "train.epochs=3"], timeout=300)
+    again = run_cli([*base, "train.epochs=3"], timeout=300)
     assert again.returncode == 0, again.stderr
     assert "step-00000032.pt is unusable" in again.stdout
     assert "at epoch 1, step 16" in again.stdout  # the previous, epoch-0 checkpoint
@@ -173,11 +171,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> Non
 def test_all_checkpoints_corrupt_is_a_clear_error_and_keeps_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     base = ["trainers.cifar", "--config", str(DEBUG_CONFIG), f"run.dir={run_dir}", "run.progress=quiet"]
-    assert run_command([PYTHON, "-m", *base], timeout=300).returncode == 0
+    assert run_cli(base, timeout=300).returncode == 0
     files = sorted((run_dir / "checkpoints").glob("step-*.pt"))
     for f in files:
         f.write_bytes(b"garbage")
-    again = run_command([PYTHON, "-m", *base, "train.epochs=3"], timeout=300)  # continue it: a resume is needed
+    again = run_cli([*base, "train.epochs=3"], timeout=300)  # continue it: a resume is needed
     assert again.returncode == 2
     assert "checkpoint.resume" in again.stderr
     assert sorted((run_dir / "checkpoints").glob("step-*.pt")) == files, "nothing saved before is deleted"
@@ -233,11 +231,11 @@ FORMAT1 = ["data.synthetic_train_size=256", "data.synthetic_test_size=64", "trai
 
 def test_a_checkpoint_of_an_earlier_format_resumes_exactly(tmp_path: Path) -> None:
     straight, old = tmp_path / "straight", tmp_path / "old"
-    run = [PYTHON, "-m", "trainers.cifar", "--config", str(DEBUG_CONFIG), *FORMAT1]
-    assert run_command([*run, f"run.dir={straight}"], timeout=300).returncode == 0
+    run = ["trainers.cifar", "--config", str(DEBUG_CONFIG), *FORMAT1]
+    assert run_cli([*run, f"run.dir={straight}"], timeout=300).returncode == 0
     (old / "checkpoints").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "golden" / "checkpoint-format1-step6.pt", old / "checkpoints" / "step-00000006.pt")
-    resumed = run_command([*run, f"run.dir={old}"], timeout=300)
+    resumed = run_cli([*run, f"run.dir={old}"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout and "step 6 (2 steps into the epoch)" in resumed.stdout
     a, b = _final_weights(straight), _final_weights(old)

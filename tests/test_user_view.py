@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE, StopFlag
-from tests.dist_utils import PYTHON, REPO, run_command, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG
 
 BIN = Path(PYTHON).parent
-CIFAR = [PYTHON, "-m", "trainers.cifar"]
+CIFAR = [PYTHON, "-m", "trainers.cifar"]  # a fresh interpreter: for what happens as a process starts
 QUICK = ["--config", str(DEBUG_CONFIG), "train.epochs=1", "run.progress=lines"]
 
 
@@ -28,7 +28,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished QUICK run (16 steps, a train record every 2), trained once for the tests that start from a
     finished run; each takes its own copy (``_copy_of``)."""
     run_dir = tmp_path_factory.mktemp("shared") / "run"
-    result = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}", "run.log_every=2"], timeout=300)
+    result = run_cli(["trainers.cifar", *QUICK, f"run.dir={run_dir}", "run.log_every=2"], timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -88,7 +88,7 @@ def test_bad_config_files(tmp_path: Path, text: str | None, phrase: str) -> None
 def test_run_directory_that_cannot_be_written(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = run_command([*CIFAR, *QUICK, f"run.dir={blocker / 'run'}"], timeout=120)
+    result = run_cli(["trainers.cifar", *QUICK, f"run.dir={blocker / 'run'}"], timeout=120)
     _fails_cleanly(result, "cannot be written", "run.dir")
 
 
@@ -96,7 +96,7 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_is_lost(tmp_path: Pa
     run_dir = _copy_of(finished_run, tmp_path / "run")
     saved_config = (run_dir / "config.yaml").read_text()
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
-    result = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}", "model.width=16"], timeout=300)
+    result = run_cli(["trainers.cifar", *QUICK, f"run.dir={run_dir}", "model.width=16"], timeout=300)
     _fails_cleanly(result, "do not fit this model")
     assert (run_dir / "config.yaml").read_text() == saved_config, "a refused run never rewrites config.yaml"
     assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints
@@ -107,8 +107,8 @@ def test_busy_port_and_missing_rank_end_every_rank_in_bounded_time(tmp_path: Pat
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        procs = start_ranks(["trainers.cifar", *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=10"], 2,
-                            env={"MASTER_PORT": str(port)}, log_dir=tmp_path)
+        procs = fork_ranks(["trainers.cifar", *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=5"], 2,
+                           tmp_path, env={"MASTER_PORT": str(port)})
         codes = wait_all(procs, 90, tmp_path)
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
     assert codes == [2, 2], logs
@@ -134,8 +134,7 @@ def test_a_user_error_on_one_rank_ends_every_rank_at_once(tmp_path: Path, rank: 
     every rank ends within seconds with exit 2 and the message appears once, from rank 0, naming the rank."""
     args = ["tests.failing_task", *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=300"]
     # 60 s, far below dist.timeout_s: a rank left waiting for the failed one would fail the test here
-    codes = wait_all(start_ranks(args, 2, env={"FAIL_RANK": str(rank), "FAIL_AT": phase}, log_dir=tmp_path), 60,
-                     tmp_path)
+    codes = wait_all(fork_ranks(args, 2, tmp_path, env={"FAIL_RANK": str(rank), "FAIL_AT": phase}), 60, tmp_path)
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
     assert codes == [2, 2], logs
     expected = f"{'rank 1: ' if rank else ''}error: /data/rank{rank} does not exist"
@@ -155,7 +154,7 @@ def test_tracebacks_on_request(tmp_path: Path) -> None:
 
 def test_same_command_resumes_and_a_changed_value_starts_a_new_run(tmp_path: Path) -> None:
     def train(*extra: str):  # the default run directory, relative to the working directory
-        result = run_command([*CIFAR, *QUICK, *extra], timeout=300, cwd=tmp_path)
+        result = run_cli(["trainers.cifar", *QUICK, *extra], timeout=300, cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
 
@@ -175,12 +174,13 @@ def test_running_a_finished_run_again_says_so_and_rewrites_nothing(tmp_path: Pat
     run_dir = tmp_path / "run"
     offline = ["data.synthetic=false", "data.download=false", "data.synthetic_fallback=true",
                f"data.root={tmp_path / 'nowhere'}", f"run.dir={run_dir}"]
-    first = run_command([*CIFAR, *QUICK, *offline], timeout=300)
+    first = run_cli(["trainers.cifar", *QUICK, *offline], timeout=300)
     assert first.returncode == 0 and "Using synthetic CIFAR-shaped data instead" in first.stderr, first.stderr[-2000:]
     outputs = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
     stamps = {p: p.stat().st_mtime_ns for p in outputs}
-    for launch in ([*CIFAR], [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar"]):
-        again = run_command([*launch, *QUICK, *offline], timeout=300)
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar", *QUICK, *offline]
+    for again in (run() for run in (lambda: run_cli(["trainers.cifar", *QUICK, *offline], timeout=300),
+                                     lambda: run_command(torchrun, timeout=300))):
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
         assert again.stdout.count("This run has already finished: step 16") == 1, again.stdout
         assert "run.name=NAME" in again.stdout and str(run_dir / "model.pt") in again.stdout
@@ -245,8 +245,8 @@ def test_print_config_and_help_read_plainly() -> None:
 
 
 def test_debug_mode_one_process_few_batches_and_a_model_summary(tmp_path: Path) -> None:
-    result = run_command([*CIFAR, *QUICK, "run.debug=true", f"run.dir={tmp_path / 'run'}", "run.log_every=1"],
-                         timeout=300)
+    result = run_cli(["trainers.cifar", *QUICK, "run.debug=true", f"run.dir={tmp_path / 'run'}", "run.log_every=1"],
+                     timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # The summary runs one training batch (train.batch_size=128), not an evaluation batch (256)
     assert "parameters" in result.stdout and "Conv2d" in result.stdout and "input 128x3x32x32" in result.stdout
@@ -269,8 +269,8 @@ def test_tensorboard_event_files_hold_metrics_and_the_config(tmp_path: Path) -> 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    result = run_command([*CIFAR, *QUICK, "run.tensorboard=true", "run.log_every=4", f"run.dir={run_dir}"],
-                         timeout=300)
+    result = run_cli(["trainers.cifar", *QUICK, "run.tensorboard=true", "run.log_every=4", f"run.dir={run_dir}"],
+                     timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     events = EventAccumulator(str(run_dir)).Reload()
     scalars = set(events.Tags()["scalars"])
@@ -311,12 +311,12 @@ def test_report_reads_the_runs_own_end_and_marks_its_resumes(tmp_path: Path, fin
     from launcher.report import load_run, plot, summary
 
     run_dir = tmp_path / "run"
-    base = [*CIFAR, *QUICK, f"run.dir={run_dir}", "run.log_every=5"]  # the last line logs step 15 of 16
-    first = run_command(base, timeout=300)
+    base = ["trainers.cifar", *QUICK, f"run.dir={run_dir}", "run.log_every=5"]  # the last line logs step 15 of 16
+    first = run_cli(base, timeout=300)
     assert first.returncode == 0
-    longer = run_command([*base, "train.epochs=2"], timeout=300)  # the same run, continued to 32 steps
+    longer = run_cli([*base, "train.epochs=2"], timeout=300)  # the same run, continued to 32 steps
     assert longer.returncode == 0 and "resumed at step 16" in longer.stdout
-    assert "already finished" in run_command([*base, "train.epochs=2"], timeout=300).stdout  # not a restart
+    assert "already finished" in run_cli([*base, "train.epochs=2"], timeout=300).stdout  # not a restart
     other = _copy_of(finished_run, tmp_path / "other")
 
     runs = [load_run(run_dir), load_run(other)]
@@ -355,17 +355,18 @@ def test_missing_tensorboard_is_a_clear_message(monkeypatch: pytest.MonkeyPatch,
 def test_one_live_run_per_directory_and_a_dead_run_does_not_block(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["trainers.cifar", *QUICK, "train.epochs=50", "run.log_every=1", f"run.dir={run_dir}"]
-    first = start_ranks(args, 1, log_dir=tmp_path)[0]
+    first = fork_ranks(args, 1, tmp_path)[0]
     metrics = run_dir / "metrics.jsonl"
     try:
         wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text() or first.poll() is not None, 120,
                  "the first run to train")
-        second = run_command([*CIFAR, *QUICK, f"run.dir={run_dir}"], timeout=120)
+        second = run_cli(["trainers.cifar", *QUICK, f"run.dir={run_dir}"], timeout=120)
         _fails_cleanly(second, "is in use by a live run", f"pid {first.pid}")
     finally:
         first.kill()  # kill -9: its lock goes with it
         first.wait(timeout=30)
-    third = run_command([*CIFAR, *QUICK, "train.epochs=50", "train.max_steps=2", f"run.dir={run_dir}"], timeout=300)
+    third = run_cli(["trainers.cifar", *QUICK, "train.epochs=50", "train.max_steps=2", f"run.dir={run_dir}"],
+                    timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
 
 
