@@ -11,7 +11,7 @@ import yaml
 
 from launcher.config import ConfigError, load_config
 from trainers.core.config import Config, Precision
-from tests.dist_utils import PYTHON, run_command, run_ranks
+from tests.dist_utils import run_cli, run_ranks
 from tests.tasks import TracingTrainer, debug_config, task_class
 from trainers.core.auto import DeviceTraits, auto_choices, describe_choices, resolve_auto
 from trainers.core.checkpoint import load_checkpoint
@@ -74,8 +74,8 @@ def test_a_switch_key_rejects_other_words() -> None:
 
 def test_run_files_keep_auto_and_the_table_says_what_it_became(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    out = run_command([PYTHON, "-m", "trainers.cifar", "--config", "configs/cifar_debug.yaml", f"run.dir={run}",
-                       "run.progress=lines", "train.max_steps=2", "model.compile=false"])
+    out = run_cli(["trainers.cifar", "--config", "configs/cifar_debug.yaml", f"run.dir={run}", "run.progress=lines",
+                   "train.max_steps=2", "model.compile=false"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["precision"] == "auto" and saved["model"]["channels_last"] == "auto"
     assert saved["model"]["compile"] is False

@@ -14,7 +14,7 @@ import torch
 
 from launcher.export import export
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, run_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, shard_bytes, train_trace
 
 CONFIG = ["--config", str(REPO / "configs" / "lm_debug.yaml")]
@@ -195,16 +195,15 @@ def test_export_of_a_sharded_checkpoint_loads_into_a_plain_model_and_evaluates_t
 
 
 def test_the_other_strategy_on_the_same_run_dir_is_a_clear_error(straight: Path, tmp_path: Path) -> None:
-    result = run_command([PYTHON, "-m", "trainers.lm", *CONFIG, *SMALL, "train.epochs=3", f"run.dir={straight}"],
-                         timeout=120)
+    result = run_cli(["trainers.lm", *CONFIG, *SMALL, "train.epochs=3", f"run.dir={straight}"], timeout=120)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "dist.strategy=fsdp" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("setting", ["model.sync_bn=true", "model.cpu_offload=true"])
 def test_fsdp_refuses_what_it_cannot_combine_with(tmp_path: Path, setting: str) -> None:
-    result = run_command([PYTHON, "-m", "trainers.cifar", "--config", str(REPO / "configs" / "cifar_debug.yaml"),
-                          FSDP, setting, f"run.dir={tmp_path / 'run'}"], timeout=120)
+    result = run_cli(["trainers.cifar", "--config", str(REPO / "configs" / "cifar_debug.yaml"), FSDP, setting,
+                      f"run.dir={tmp_path / 'run'}"], timeout=120)
     assert result.returncode == 2 and setting in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.digits_folder import write_digits_folder
-from tests.dist_utils import PYTHON, run_command
+from tests.dist_utils import PYTHON, run_cli, run_command
 
 BIN = Path(PYTHON).parent
 # Digits are not mirror-symmetric and fill the frame: no flips, milder crops (task settings, not code changes).
@@ -27,8 +27,10 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _imagefolder(*args: str, torchrun: bool = False, timeout: float = 300) -> Any:
-    launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"] if torchrun else [PYTHON]
-    return run_command([*launch, "-m", "trainers.imagefolder", *args], timeout=timeout)
+    if not torchrun:
+        return run_cli(["trainers.imagefolder", *args], timeout=timeout)
+    return run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.imagefolder", *args],
+                       timeout=timeout)
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:

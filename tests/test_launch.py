@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import PYTHON, run_command, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, run_cli, run_command, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG
 
 BIN = Path(PYTHON).parent
@@ -93,8 +93,8 @@ def test_indivisible_global_batch_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_offline_names_the_synthetic_option(tmp_path: Path) -> None:
-    result = run_command([PYTHON, "-m", "trainers.cifar", *DEBUG, "data.synthetic=false", "data.download=false",
-                          f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}"], timeout=120)
+    result = run_cli(["trainers.cifar", *DEBUG, "data.synthetic=false", "data.download=false",
+                      f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}"], timeout=120)
     assert result.returncode == 2
     assert "data.synthetic=true" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists(), "a refused run leaves no run directory (and no .lock) behind"

@@ -13,12 +13,12 @@ import torch
 
 from launcher.errors import DatasetUnavailable
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, run_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, train_trace
 from trainers.lm import sample_command
 from trainers.lm_data import MarkovSource, read_corpus
 
-LM = [PYTHON, "-m", "trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml")]
+LM = ["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml")]  # python -m LM, or run_cli(LM)
 SMALL = ["data.synthetic_bytes=20000", "data.seq_len=32", "model.width=32", "train.batch_size=16"]
 
 
@@ -29,7 +29,7 @@ def _records(run_dir: Path, kind: str) -> list[dict]:
 def test_it_learns_a_markov_source_to_within_0_1_nats_of_its_entropy_rate(tmp_path: Path) -> None:
     """No model can beat the entropy rate H of the source on its text: a loss near H is a sharp, failable target."""
     run_dir = tmp_path / "run"
-    result = run_command([*LM, f"run.dir={run_dir}", "run.progress=lines"], timeout=600)
+    result = run_cli([*LM, f"run.dir={run_dir}", "run.progress=lines"], timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     entropy = MarkovSource().entropy_rate()
     end = _records(run_dir, "end")[-1]
@@ -86,10 +86,10 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
 def test_sampling_is_deterministic_for_a_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    assert run_command([*LM, *SMALL, "train.max_steps=3", f"run.dir={run_dir}", "sample.tokens=0"],
-                       timeout=300).returncode == 0
-    first = run_command([PYTHON, "-m", "trainers.lm", "sample", str(run_dir), "--tokens", "40", "--prompt", "the ",
-                         "--seed", "1"], timeout=120)
+    assert run_cli([*LM, *SMALL, "train.max_steps=3", f"run.dir={run_dir}", "sample.tokens=0"],
+                   timeout=300).returncode == 0
+    first = run_cli(["trainers.lm", "sample", str(run_dir), "--tokens", "40", "--prompt", "the ", "--seed", "1"],
+                    timeout=120)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("the ") and len(first.stdout.encode()) >= 40
     outputs = []  # the same command in this process: the same text for the same seed, another for another
@@ -118,8 +118,8 @@ def test_a_corpus_shorter_than_a_window_is_a_clear_error(tmp_path: Path) -> None
     path.write_text("to be or not to be")
     with pytest.raises(DatasetUnavailable, match=r"short\.txt has 18 tokens, too few .*data\.seq_len=32"):
         read_corpus(path).split(0.1, 32)
-    result = run_command([*LM, f"data.path={path}", "data.synthetic=false", "data.download=false", "data.seq_len=32",
-                          f"run.dir={tmp_path / 'run'}"], timeout=120)
+    result = run_cli([*LM, f"data.path={path}", "data.synthetic=false", "data.download=false", "data.seq_len=32",
+                      f"run.dir={tmp_path / 'run'}"], timeout=120)
     assert result.returncode == 2 and "short.txt has 18 tokens" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.dist_utils import PYTHON, fork_ranks, run_command, wait_all
+from tests.dist_utils import fork_ranks, run_cli, wait_all
 from tests.tasks import DEBUG_CONFIG
 from trainers.core.checkpoint import CheckpointManager
 from trainers.core.nonfinite import DIVERGED_EXIT_CODE
@@ -24,7 +24,7 @@ def _digest(path: Path) -> str:
 
 def test_a_diverging_run_stops_every_rank_and_keeps_its_good_checkpoints(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    good = run_command([PYTHON, "-m", "tests.nan_task", *QUICK, f"run.dir={run_dir}"], timeout=300)
+    good = run_cli(["tests.nan_task", *QUICK, f"run.dir={run_dir}"], timeout=300)
     assert good.returncode == 0, good.stderr[-3000:]
     model, checkpoints = run_dir / "model.pt", run_dir / "checkpoints"
     model_digest = _digest(model)
@@ -52,8 +52,8 @@ def test_a_diverging_run_stops_every_rank_and_keeps_its_good_checkpoints(tmp_pat
 
 def test_skip_drops_the_non_finite_steps_and_finishes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_command([PYTHON, "-m", "tests.nan_task", *QUICK, "train.nonfinite=skip", f"run.dir={run_dir}",
-                          "run.log_every=1"], timeout=300, env={"NAN_STEPS": "3,4"})
+    result = run_cli(["tests.nan_task", *QUICK, "train.nonfinite=skip", f"run.dir={run_dir}", "run.log_every=1"],
+                     timeout=300, env={"NAN_STEPS": "3,4"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "step 3: non-finite loss or gradients; step skipped (1 in a row" in result.stdout
     assert "step 4: non-finite loss or gradients; step skipped (2 in a row" in result.stdout
@@ -62,15 +62,15 @@ def test_skip_drops_the_non_finite_steps_and_finishes(tmp_path: Path) -> None:
 
 
 def test_stop_is_the_default_for_the_same_steps(tmp_path: Path) -> None:
-    result = run_command([PYTHON, "-m", "tests.nan_task", *QUICK, f"run.dir={tmp_path / 'run'}", "run.log_every=50"],
-                         timeout=300, env={"NAN_STEPS": "3"})
+    result = run_cli(["tests.nan_task", *QUICK, f"run.dir={tmp_path / 'run'}", "run.log_every=50"], timeout=300,
+                     env={"NAN_STEPS": "3"})
     assert result.returncode == DIVERGED_EXIT_CODE, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Training diverged" in result.stderr and "No checkpoint was written before it" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model.pt").exists()
 
 
 def test_skip_gives_up_after_too_many_in_a_row(tmp_path: Path) -> None:
-    result = run_command([PYTHON, "-m", "trainers.cifar", *QUICK, "optim.lr=1e8", "train.nonfinite=skip",
-                          "train.nonfinite_skips=3", f"run.dir={tmp_path / 'run'}"], timeout=300)
+    result = run_cli(["trainers.cifar", *QUICK, "optim.lr=1e8", "train.nonfinite=skip", "train.nonfinite_skips=3",
+                      f"run.dir={tmp_path / 'run'}"], timeout=300)
     assert result.returncode == DIVERGED_EXIT_CODE, result.stdout[-2000:] + result.stderr[-2000:]
     assert "3 steps in a row had non-finite gradients (train.nonfinite_skips=3)" in result.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG, evaluate_checkpoint, train_trace
 from trainers.core.checkpoint import FORMAT, CheckpointManager
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launcher.signals import PREEMPTED_EXIT_CODE
-from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, REPO, fork_ranks, run_command, run_ranks, wait_all, wait_for
 from tests.tasks import evaluate_initial, train_trace, workers_alive_after_fit
 from trainers.core.checkpoint import CheckpointManager
 
