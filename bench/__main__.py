@@ -78,6 +78,9 @@ def gated(row: Row, ours: float, reference: float) -> Row:
 
 # ------------------------------------------------------------------------------------- the rows
 
+#: The training set of the 2-rank rows under --quick (a smoke run: that they run and report, not their figures).
+QUICK_TRAIN = "data.synthetic_train_size=512"
+
 
 def loader_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     """The device-resident loader (uint8 gather, normalise, batched crop+flip) vs torchvision's per-image pipeline
@@ -147,7 +150,7 @@ def data_parallel_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     """2 gloo ranks x 1 thread vs 1 process x 2 threads, same global batch: throughput ratio."""
     from bench.runs import DEBUG_STEPS, samples_per_second
 
-    steps = [*DEBUG_STEPS, *rp.overrides(), *(["data.synthetic_train_size=1024"] if quick else [])]
+    steps = [*DEBUG_STEPS, *rp.overrides(), *([QUICK_TRAIN] if quick else [])]
     two, one = interleaved(lambda: samples_per_second(2, 1, steps), lambda: samples_per_second(1, 2, steps), repeats)
     return at_least(rp, "2 ranks x 1 thread vs 1 x 2 threads", two / one, 0.8, f"{two:,.0f} vs {one:,.0f} samples/s")
 
@@ -156,7 +159,7 @@ def logging_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     """Logging and metrics as by default (a line and a record every 50 steps) vs none."""
     from bench.runs import FAST_STEPS, samples_per_second
 
-    steps = [*FAST_STEPS, *rp.overrides(), *(["data.synthetic_train_size=1024"] if quick else [])]
+    steps = [*FAST_STEPS, *rp.overrides(), *([QUICK_TRAIN] if quick else [])]
     on, off = interleaved(lambda: samples_per_second(2, 1, steps, "logging-on"), lambda: samples_per_second(2, 1, steps),
                           repeats)
     return at_least(rp, "defaults vs off (samples/s)", on / off, 0.97, f"{on:,.0f} vs {off:,.0f} samples/s")
@@ -202,7 +205,8 @@ def stop_check_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     noise here is larger than the cost being measured)."""
     from bench.runs import stop_check_rates
 
-    with_check, without = stop_check_rates(epochs=2 if quick else 4 * max(repeats, 3), overrides=rp.overrides())
+    with_check, without = stop_check_rates(epochs=2 if quick else 4 * max(repeats, 3),
+                                           overrides=[*rp.overrides(), *([QUICK_TRAIN] if quick else [])])
     a, b = statistics.median(with_check), statistics.median(without)
     return at_least(rp, "with vs without (steps/s)", a / b, 0.99, f"{a:,.0f} vs {b:,.0f} steps/s")
 
@@ -338,7 +342,7 @@ def cpu_recipe_row(rp: RowPlan, repeats: int, quick: bool, data: Path | None) ->
 
     real = data is not None and (data / "cifar-10-batches-py").is_dir()
     source = [f"data.root={data}", "data.synthetic=false", "data.download=false"] if real else []
-    train, test, batch = (256, 250, 128) if quick else (0, 0, 256)  # 0: the whole real split
+    train, test, batch = (128, 100, 64) if quick else (0, 0, 256)  # 0: the whole real split
     full_epochs = 1 if quick else 10
     cpu_epochs = 2 if quick else 20
     common = (*rp.overrides(), *source)
@@ -390,7 +394,7 @@ def sharded_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
 
     key = (rp.device, repeats, quick)
     if key not in _SHARDED:
-        _SHARDED[key] = compare(repeats, [*rp.overrides(), *(["data.synthetic_bytes=32768"] if quick else [])])
+        _SHARDED[key] = compare(repeats, [*rp.overrides(), *(["data.synthetic_bytes=16384"] if quick else [])])
     m = _SHARDED[key]
     ddp, fsdp = m["ddp"], m["fsdp"]
     if rp.name == "FSDP step time":
