@@ -15,7 +15,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.dist_utils import REPO, run_command, wait_for
+from tests.dist_utils import REPO, fork_ranks, wait_all, wait_for
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 
@@ -62,9 +62,10 @@ def start_submit(args: list[str], cwd: Path, log: Path) -> tuple[subprocess.Pope
 
 
 def straight_long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted reference of the interruption tests: ``submit --local --wait`` of the LONG debug run on 2
-    ranks. Trained once per test session and shared by every test (and parallel worker) that compares with it: a
-    file lock in the session's folder lets the first one train it while the others wait."""
+    """The uninterrupted reference of the interruption tests: the LONG debug run on 2 ranks (forked, see fork_ranks:
+    how a job starts is what those tests check, not how their reference does). Trained once per test session and
+    shared by every test (and parallel worker) that compares with it: a file lock in the session's folder lets the
+    first one train it while the others wait."""
     # Under xdist each worker has a folder of its own inside the session's; without it the session's is the base.
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
@@ -73,10 +74,11 @@ def straight_long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (run_dir / "model.pt").is_file():
             shutil.rmtree(run_dir.parent, ignore_errors=True)
             run_dir.parent.mkdir(parents=True)
-            done = run_command(submit_cmd("--local", "--tasks-per-node", "2", "--time", "10", "--wait", "-m",
-                                          "trainers.cifar", "--config", str(DEBUG_CONFIG), *LONG, f"run.dir={run_dir}"),
-                               cwd=run_dir.parent, timeout=300, env=job_environ())
-            assert done.returncode == 0, done.stdout + done.stderr
+            logs = run_dir.parent / "logs"
+            logs.mkdir()
+            codes = wait_all(fork_ranks(["trainers.cifar", "--config", str(DEBUG_CONFIG), *LONG, f"run.dir={run_dir}"],
+                                        2, logs), 300, logs)
+            assert codes == [0, 0], (logs / "rank0.log").read_text()[-3000:]
     return run_dir
 
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.dist_utils import REPO, run_command, wait_all
+from tests.dist_utils import REPO, fork_ranks, wait_all
 from tests.submit_utils import DEBUG_CONFIG, assert_same_weights, records
 
 
@@ -98,10 +98,10 @@ def test_torchrun_across_two_network_namespaces(two_hosts: dict[str, str], tmp_p
     assert len(start) == 1 and start[0]["world_size"] == 2
     assert all(_bytes_received(ns) > 100_000 for ns in two_hosts.values()), "the ranks did not talk over the veth pair"
 
-    # Both nodes' ranks trained the same model: it is the one two ranks on one host train.
-    one_host = tmp_path / "one-host"
-    local = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         *train[:-3], f"run.dir={one_host}", "run.progress=lines", "run.deterministic=true"],
-                        timeout=240)
-    assert local.returncode == 0, local.stderr[-3000:]
+    # Both nodes' ranks trained the same model: it is the one two ranks on one host train (forked, see fork_ranks).
+    one_host, logs = tmp_path / "one-host", tmp_path / "one-host-logs"
+    logs.mkdir()
+    local = wait_all(fork_ranks([*train[1:-3], f"run.dir={one_host}", "run.progress=lines", "run.deterministic=true"],
+                                2, logs), 240, logs)
+    assert local == [0, 0], (logs / "rank0.log").read_text()[-3000:]
     assert_same_weights(run_dir, one_host)
