@@ -179,8 +179,9 @@ def test_running_a_finished_run_again_says_so_and_rewrites_nothing(tmp_path: Pat
     outputs = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
     stamps = {p: p.stat().st_mtime_ns for p in outputs}
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.cifar", *QUICK, *offline]
-    for again in (run() for run in (lambda: run_cli(["trainers.cifar", *QUICK, *offline], timeout=300),
-                                     lambda: run_command(torchrun, timeout=300))):
+    for under_torchrun in (False, True):
+        again = (run_command(torchrun, timeout=300) if under_torchrun
+                 else run_cli(["trainers.cifar", *QUICK, *offline], timeout=300))
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
         assert again.stdout.count("This run has already finished: step 16") == 1, again.stdout
         assert "run.name=NAME" in again.stdout and str(run_dir / "model.pt") in again.stdout
