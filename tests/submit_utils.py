@@ -19,9 +19,9 @@ from tests.dist_utils import REPO, fork_ranks, wait_all, wait_for
 
 DEBUG_CONFIG = REPO / "configs" / "cifar_debug.yaml"
 
-#: 128 steps of the debug model at a quarter of its width (8 epochs of 16; about 6 s on 2 gloo ranks, 12 s under the
+#: 128 steps of the debug model at half its width (8 epochs of 16; about 6 s on 2 gloo ranks, 12 s under the
 #: parallel suite's load): room to interrupt a run twice, each time right after a logged step. The steps are what
-#: these tests need, not their cost: at full width the same run takes three times as long.
+#: these tests need, not their cost: at the debug width the same run takes about twice as long.
 LONG_STEPS = 128
 LONG = [f"train.epochs={LONG_STEPS // 16}", "model.width=8", "run.log_every=1", "run.deterministic=true",
         "run.progress=lines"]

@@ -96,7 +96,7 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_is_lost(tmp_path: Pa
     run_dir = _copy_of(finished_run, tmp_path / "run")
     saved_config = (run_dir / "config.yaml").read_text()
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
-    result = run_cli(["trainers.cifar", *QUICK, f"run.dir={run_dir}", "model.width=16"], timeout=300)
+    result = run_cli(["trainers.cifar", *QUICK, f"run.dir={run_dir}", "model.width=8"], timeout=300)
     _fails_cleanly(result, "do not fit this model")
     assert (run_dir / "config.yaml").read_text() == saved_config, "a refused run never rewrites config.yaml"
     assert sorted((run_dir / "checkpoints").iterdir()) == checkpoints
