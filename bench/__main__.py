@@ -168,6 +168,7 @@ def logging_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
 def checkpoint_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     """The time training is blocked by one save, as a fraction of an epoch of the debug recipe (1 process),
     written in place or in the background (``checkpoint.async``)."""
+    from bench.runs import DEBUG_WIDTH
     from launcher.config import load_config
     from launcher.env import resolve_env
     from launcher.runtime import distributed
@@ -179,7 +180,7 @@ def checkpoint_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as run_dir:
             cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
-                f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", *rp.overrides(),
+                f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", DEBUG_WIDTH, *rp.overrides(),
                 f"checkpoint.async={str(background).lower()}", *(["data.synthetic_train_size=1024"] if quick else [])],
                 schema=CifarConfig)
             with distributed(cfg.dist, resolve_env({})) as rt:

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from tests.digits_folder import write_digits_folder
-from tests.dist_utils import PYTHON, run_cli, run_command
+from tests.dist_utils import fork_ranks, run_cli, wait_all
 
-BIN = Path(PYTHON).parent
 # Digits are not mirror-symmetric and fill the frame: no flips, milder crops (task settings, not code changes).
 SMALL = ["data.image_size=32", "model.name=tiny", "data.hflip=false", "data.crop_scale_min=0.3", "run.progress=lines"]
 
@@ -26,11 +25,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _imagefolder(*args: str, torchrun: bool = False, timeout: float = 300) -> Any:
-    if not torchrun:
-        return run_cli(["trainers.imagefolder", *args], timeout=timeout)
-    return run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainers.imagefolder", *args],
-                       timeout=timeout)
+def _imagefolder(*args: str, timeout: float = 300) -> Any:
+    return run_cli(["trainers.imagefolder", *args], timeout=timeout)
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:
@@ -39,11 +35,15 @@ def _evals(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def test_two_ranks_learn_the_digits_to_high_accuracy(digits: Path, tmp_path: Path) -> None:
+    # Two ranks forked with torchrun's variables (fork_ranks): the subject is what they learn and how they evaluate;
+    # how torchrun itself starts ranks is test_launch's.
     run_dir = tmp_path / "run"
-    result = _imagefolder(f"data.root={digits}", *SMALL, "train.epochs=8", "train.batch_size=64", "optim.lr=0.1",
-                          "checkpoint.every_epochs=0", f"run.dir={run_dir}", torchrun=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "imagefolder" in result.stdout and "2 rank(s)" in result.stdout
+    ranks = fork_ranks(["trainers.imagefolder", f"data.root={digits}", *SMALL, "train.epochs=8", "train.batch_size=64",
+                        "optim.lr=0.1", "checkpoint.every_epochs=0", f"run.dir={run_dir}"], 2, tmp_path)
+    codes = wait_all(ranks, 300, tmp_path)
+    log = (tmp_path / "rank0.log").read_text()
+    assert codes == [0, 0], log[-3000:] + (tmp_path / "rank1.log").read_text()[-3000:]
+    assert "imagefolder" in log and "2 rank(s)" in log
     final = _evals(run_dir)[-1]
     assert final["test_samples"] == 360, "every validation image exactly once"
     assert final["test_acc"] >= 0.9, f"digits should be learned well, got {final['test_acc']:.3f}"

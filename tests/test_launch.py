@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import PYTHON, run_cli, run_command, start_ranks, wait_all, wait_for
+from tests.dist_utils import PYTHON, fork_ranks, run_cli, run_command, start_ranks, wait_all, wait_for
 from tests.tasks import DEBUG_CONFIG
 
 BIN = Path(PYTHON).parent
@@ -106,7 +106,7 @@ def test_a_stopped_rank_fails_the_job_in_bounded_time_naming_the_phase(tmp_path:
     logs.mkdir()
     args = ["trainers.cifar", *DEBUG, f"run.dir={run_dir}", "dist.timeout_s=5", "run.log_every=1",
             "data.synthetic_train_size=8192"]
-    procs = start_ranks(args, 2, log_dir=logs)
+    procs = fork_ranks(args, 2, logs)  # forked (see fork_ranks): the subject is the run's timeout, not its start-up
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0 or procs[0].poll() is not None, 240,
              "training to start")
