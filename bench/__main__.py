@@ -79,7 +79,7 @@ def gated(row: Row, ours: float, reference: float) -> Row:
 # ------------------------------------------------------------------------------------- the rows
 
 #: The training set of the 2-rank rows under --quick (a smoke run: that they run and report, not their figures).
-QUICK_TRAIN = "data.synthetic_train_size=512"
+QUICK_TRAIN = "data.synthetic_train_size=256"
 
 
 def loader_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
@@ -92,7 +92,7 @@ def loader_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
     from bench.loader_throughput import epoch_seconds
     from trainers.cifar_data import CIFAR10_MEAN, CIFAR10_STD, synthetic_cifar10
 
-    samples = 4096 if quick else 20_000
+    samples = 1024 if quick else 20_000
     device = torch.device(rp.device)
     split = synthetic_cifar10(samples, seed=0)
     images = split.tensors[0].permute(0, 2, 3, 1).contiguous().numpy()  # HWC uint8, as the pickles hold
@@ -181,7 +181,7 @@ def checkpoint_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
         with tempfile.TemporaryDirectory() as run_dir:
             cfg = load_config(REPO / "configs" / "cifar_debug.yaml", [
                 f"run.dir={run_dir}", "run.progress=quiet", "checkpoint.resume=never", DEBUG_WIDTH, *rp.overrides(),
-                f"checkpoint.async={str(background).lower()}", *(["data.synthetic_train_size=1024"] if quick else [])],
+                f"checkpoint.async={str(background).lower()}", *(["data.synthetic_train_size=512"] if quick else [])],
                 schema=CifarConfig)
             with distributed(cfg.dist, resolve_env({})) as rt:
                 trainer = Trainer(CifarTask(cfg), rt, Path(run_dir))
@@ -395,7 +395,7 @@ def sharded_row(rp: RowPlan, repeats: int, quick: bool) -> Row:
 
     key = (rp.device, repeats, quick)
     if key not in _SHARDED:
-        _SHARDED[key] = compare(repeats, [*rp.overrides(), *(["data.synthetic_bytes=16384"] if quick else [])])
+        _SHARDED[key] = compare(repeats, [*rp.overrides(), *(["data.synthetic_bytes=8192"] if quick else [])])
     m = _SHARDED[key]
     ddp, fsdp = m["ddp"], m["fsdp"]
     if rp.name == "FSDP step time":
