@@ -8,7 +8,15 @@ which have few long tests, at the very end.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# One thread per process, set before anything imports torch: make test runs TEST_WORKERS files at once, one worker
+# per 2 cores, and most tests start 2 ranks. A second thread's gain is small at these sizes, and when the other core
+# is busy, its OpenMP barriers spin: the gpu_check smoke took 99 core-s with 2 threads against another busy core,
+# 63 with one. Subprocesses inherit it; the few tests that compare thread counts set theirs explicitly.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: Test files by their time in a parallel run on 2 cores (seconds, measured; update when a file's time changes a
 #: lot). Files not listed are short and keep their place after these.

@@ -52,6 +52,9 @@ PRELOAD = ["torch", "torch._dynamo", "tests.tasks", "trainers.lm", "torch.distri
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, out: Any,
             environ: dict[str, str]) -> None:
+    # The platform's default start method again, as in a fresh process: a child of the fork server inherits
+    # "forkserver", so each DataLoader worker pool would start a fork server of its own (an interpreter and imports).
+    mp.set_start_method(None, force=True)
     os.environ.clear()  # the test's environment now, not the fork server's from when it started
     os.environ.update({**environ, **rank_environ(rank, world_size, port)})
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: do not oversubscribe
@@ -182,7 +185,7 @@ def _cli_process(args: list[str], environ: dict[str, str], stdout: str, stderr: 
     import atexit
     import runpy
 
-    mp.set_start_method(None, force=True)  # the platform's default again (a forked server child would use its own)
+    mp.set_start_method(None, force=True)  # the platform's default again (see _worker)
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)

@@ -26,7 +26,6 @@ NARROW = QUICK_WIDTHS
 
 
 def test_airbench_reference_loop_learns_synthetic_cifar() -> None:
-    torch.set_num_threads(2)
     seconds, accuracy = reference_run(train=1024, test=500, batch=256, epochs=2, device=torch.device("cpu"),
                                       widths=NARROW)
     assert seconds > 0
@@ -36,7 +35,6 @@ def test_airbench_reference_loop_learns_synthetic_cifar() -> None:
 def test_the_independent_airbench_learns_and_imports_nothing_of_the_toolkit() -> None:
     source = (Path(__file__).resolve().parents[1] / "bench" / "reference_airbench.py").read_text()
     assert not re.search(r"^(from|import) (trainers|launcher|bench)", source, re.M), "independent of the toolkit"
-    torch.set_num_threads(2)
     fit, held_out = synthetic_cifar10(1024, SYNTHETIC_SEED, train=True), synthetic_cifar10(500, SYNTHETIC_SEED, False)
     seconds, accuracy = train_and_evaluate(fit.images, fit.labels, held_out.images, held_out.labels, epochs=2,
                                            batch=256, widths=NARROW)
@@ -66,8 +64,7 @@ def test_gpu_check_on_the_cpu_reports_every_section(tmp_path: Path) -> None:
     """`python -m bench.gpu_check OUT --quick`: the machine, the GPU tests (each saying why it does not run here),
     the speed table with all its rows, and the fast recipe's times, in gpu-report.md and .json."""
     out = tmp_path / "report"
-    result = run_command([PYTHON, "-m", "bench.gpu_check", str(out), "--quick"], timeout=900,
-                         env={"OMP_NUM_THREADS": "2"})
+    result = run_command([PYTHON, "-m", "bench.gpu_check", str(out), "--quick"], timeout=900)
     report = (out / "gpu-report.md").read_text()
     steps = json.loads((out / "gpu-report.json").read_text())
     assert [s["name"] for s in steps] == ["machine", "GPU tests (pytest -m gpu)", "benchmarks (python -m bench)",
