@@ -20,6 +20,11 @@ $(BIN)/.installed: pyproject.toml
 		echo "no GPU here (or CPU=1): installing torch's CPU build from $(TORCH_INDEX)"; \
 		$(BIN)/pip install --quiet --retries 1 --timeout 15 --index-url $(TORCH_INDEX) $(TORCH_PKGS) \
 			|| echo "$(TORCH_INDEX) cannot be reached: torch comes from the default index instead"; \
+		if [ -x $(BIN)/torchrun ] && ! $(BIN)/python -c "import torchvision" >/dev/null 2>&1; then \
+			echo "the torch and torchvision found beside $(TORCH_INDEX) do not import together" \
+				"(a local torch wheel without its torchvision): taking both from the default index instead"; \
+			$(BIN)/pip uninstall --quiet --yes torch torchvision; \
+		fi; \
 	fi
 	$(BIN)/pip install --quiet -e '.[test]'
 	@$(BIN)/python -c "import torch; b = f'CUDA {torch.version.cuda} build' if torch.version.cuda else 'CPU build'; \
