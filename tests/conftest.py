@@ -9,6 +9,9 @@ which have few long tests, at the very end.
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 
 import pytest
 
@@ -32,3 +35,19 @@ SLOWEST_FIRST = {
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Stable sort by file cost, so the tests of one file keep their order."""
     items.sort(key=lambda item: -SLOWEST_FIRST.get(item.path.name, 0))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After a full run, the CPU cost of one fresh torch process here (what most tests pay at least once): the same
+    suite's time moves with the machine's speed (7 to 11 minutes on 2-core machines of one kind), and this figure
+    tells a slow machine from a slow suite."""
+    ran = sum(len(terminalreporter.stats.get(kind, [])) for kind in ("passed", "failed", "skipped"))
+    if ran < 100:
+        return
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", "import torch._dynamo"], check=False, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    terminalreporter.write_line(f"machine speed: a fresh process importing torch and torch._dynamo took {cpu:.1f} s "
+                                "of CPU here (compare suite times across machines with it)")
