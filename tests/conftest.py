@@ -41,6 +41,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """After a full run, the CPU cost of one fresh torch process here (what most tests pay at least once): the same
     suite's time moves with the machine's speed (7 to 11 minutes on 2-core machines of one kind), and this figure
     tells a slow machine from a slow suite."""
+    if hasattr(terminalreporter.config, "workerinput"):
+        return  # an xdist worker: its summary is not shown, and the controller measures once for the run
     ran = sum(len(terminalreporter.stats.get(kind, [])) for kind in ("passed", "failed", "skipped"))
     if ran < 100:
         return

@@ -15,12 +15,10 @@ import torch
 from launcher.export import export
 from launcher.signals import PREEMPTED_EXIT_CODE
 from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, run_ranks, wait_all, wait_for
-from tests.tasks import evaluate_initial, shard_bytes, train_trace
+from tests.tasks import LM_SMALL, evaluate_initial, shard_bytes, train_trace
 
 CONFIG = ["--config", str(REPO / "configs" / "lm_debug.yaml")]
-#: A smaller corpus and model, at the learning rate the tolerances below were set for (lm_debug.yaml's is 6e-3).
-SMALL = ["data.synthetic_bytes=20000", "data.seq_len=32", "model.width=32", "train.batch_size=16", "optim.lr=3e-3",
-         "sample.tokens=0"]
+SMALL = [*LM_SMALL, "sample.tokens=0"]
 FSDP = "dist.strategy=fsdp"
 
 

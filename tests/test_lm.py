@@ -14,13 +14,12 @@ import torch
 from launcher.errors import DatasetUnavailable
 from launcher.signals import PREEMPTED_EXIT_CODE
 from tests.dist_utils import PYTHON, REPO, fork_ranks, run_cli, run_command, run_ranks, wait_all, wait_for
-from tests.tasks import evaluate_initial, train_trace
+from tests.tasks import LM_SMALL, evaluate_initial, train_trace
 from trainers.lm import sample_command
 from trainers.lm_data import MarkovSource, read_corpus
 
 LM = ["trainers.lm", "--config", str(REPO / "configs" / "lm_debug.yaml")]  # python -m LM, or run_cli(LM)
-#: A smaller corpus and model, at the learning rate the tolerances below were set for (lm_debug.yaml's is 6e-3).
-SMALL = ["data.synthetic_bytes=20000", "data.seq_len=32", "model.width=32", "train.batch_size=16", "optim.lr=3e-3"]
+SMALL = LM_SMALL
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:

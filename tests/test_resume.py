@@ -222,7 +222,8 @@ def test_checkpoint_moves_between_world_sizes(tmp_path: Path, saved_world: int, 
         assert r["test_acc"] == saved_acc and r["test_samples"] == 500
 
 
-#: The settings tests/golden/checkpoint-format1-step6.pt was written with (by the toolkit before the Checkpointer,
+GOLDEN = REPO / "tests" / "golden" / "checkpoint-format1-step6.pt"  #: a checkpoint of format 1
+#: The settings GOLDEN was written with (by the toolkit before the Checkpointer,
 #: format 1: per-rank "window"/"window_steps", no format number), 2 epochs of 4 steps, stopped at step 6.
 FORMAT1 = ["data.synthetic_train_size=256", "data.synthetic_test_size=64", "train.batch_size=64", "train.epochs=2",
            "model.width=4", "checkpoint.every_steps=2", "checkpoint.keep_last=10", "run.deterministic=true",
@@ -233,7 +234,7 @@ def test_a_checkpoint_of_an_earlier_format_resumes_exactly(tmp_path: Path) -> No
     straight, old, today = tmp_path / "straight", tmp_path / "old", tmp_path / "today"
     run = ["trainers.cifar", "--config", str(DEBUG_CONFIG), *FORMAT1]
     assert run_cli([*run, f"run.dir={straight}"], timeout=300).returncode == 0
-    golden = torch.load(REPO / "tests" / "golden" / "checkpoint-format1-step6.pt", weights_only=False)
+    golden = torch.load(GOLDEN, weights_only=False)
     # The golden weights and momenta were computed on another CPU, whose kernels round differently (1e-7 apart
     # here), so the reference is today's own step-6 checkpoint carrying the golden's tensors: what the old format
     # must restore exactly beside them (RNG streams, data position, schedule) is the same on every machine.
@@ -241,7 +242,7 @@ def test_a_checkpoint_of_an_earlier_format_resumes_exactly(tmp_path: Path) -> No
     reference["model"], reference["optimizer"] = golden["model"], golden["optimizer"]
     for run_dir in (old, today):
         (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(REPO / "tests" / "golden" / "checkpoint-format1-step6.pt", old / "checkpoints" / "step-00000006.pt")
+    shutil.copy(GOLDEN, old / "checkpoints" / "step-00000006.pt")
     torch.save(reference, today / "checkpoints" / "step-00000006.pt")
     for run_dir in (old, today):
         resumed = run_cli([*run, f"run.dir={run_dir}"], timeout=300)
